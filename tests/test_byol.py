@@ -1,0 +1,208 @@
+"""Tests for byol.py: loss, tau schedule, target update, LARS, augmentations, BYOL forward.
+Run: python -m pytest tests/test_byol.py"""
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import resnet  # noqa: E402
+from byol import BYOL, LARS, augment, byol_loss, lars_param_groups, mlp, random_crop_boxes, tau_at  # noqa: E402
+
+MEAN, STD = 67.27297657740893, 84.6606962344396  # acdc.MEAN, acdc.STD
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------- loss, tau
+
+def test_loss_matches_formula():
+    p, z = torch.randn(5, 8), torch.randn(5, 8)
+    cos = (p * z).sum(1) / (p.pow(2).sum(1).sqrt() * z.pow(2).sum(1).sqrt())
+    assert torch.allclose(byol_loss(p, z), (2 - 2 * cos).mean(), atol=1e-6)
+    assert byol_loss(p, 3 * p).abs() < 1e-6 and torch.isclose(byol_loss(p, -p), torch.tensor(4.0))
+
+
+def test_tau_schedule():
+    assert tau_at(0, 100) == pytest.approx(0.99)
+    assert tau_at(50, 100) == pytest.approx(0.995)
+    assert tau_at(100, 100) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- BYOL
+
+def small_byol():
+    return BYOL(resnet.resnet18(in_chans=1), proj_hidden=32, proj_dim=16, pred_hidden=32)
+
+
+def test_state_dict_keys():
+    keys = small_byol().state_dict().keys()
+    prefixes = {k.split(".")[0] for k in keys}
+    assert prefixes == {"backbone", "projector", "predictor", "target_backbone", "target_projector"}
+    assert {k for k in keys if k.startswith("projector.")} == {
+        f"projector.{i}.{n}" for i, n in [(0, "weight"), (0, "bias"), (1, "weight"), (1, "bias"), (1, "running_mean"),
+                                          (1, "running_var"), (1, "num_batches_tracked"), (3, "weight"), (3, "bias")]}
+    assert [m.__class__ for m in mlp(4, 8, 2)] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+
+
+def test_update_target():
+    model = small_byol()
+    with torch.no_grad():
+        for p in model._online_params():
+            p.add_(torch.randn_like(p))
+    online = [p.clone() for p in model._online_params()]
+    target = [p.clone() for p in model._target_params()]
+    model.update_target(0.9)
+    for o, t, p, q in zip(online, target, model._online_params(), model._target_params()):
+        assert torch.equal(p, o)                                   # online untouched
+        assert torch.allclose(q, 0.9 * t + 0.1 * o, atol=1e-6)
+
+
+@pytest.mark.parametrize("concat_views", [False, True])
+def test_forward_backward(concat_views):
+    torch.manual_seed(0)
+    model = BYOL(resnet.resnet18(in_chans=1), concat_views=concat_views)   # paper head sizes
+    v1, v2 = torch.randn(4, 1, 32, 32), torch.randn(4, 1, 32, 32)
+    loss, z1 = model(v1, v2)
+    assert loss.ndim == 0 and torch.isfinite(loss) and 0 <= loss.item() <= 8
+    assert z1.shape == (4, 256) and not z1.requires_grad
+    loss.backward()
+    assert all(p.grad is not None for p in model._online_params())
+    assert all(p.grad is not None for p in model.predictor.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in model._target_params())
+
+
+# ---------------------------------------------------------------- LARS
+
+def test_lars_param_groups():
+    model = small_byol()
+    weights, others = lars_param_groups(model, 1e-5)
+    assert weights["weight_decay"] == 1e-5 and others["weight_decay"] == 0.0 and others["lars_exclude"]
+    assert all(p.ndim > 1 for p in weights["params"]) and all(p.ndim <= 1 for p in others["params"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(weights["params"]) + len(others["params"]) == len(trainable)
+
+
+def two_steps(net, opt, grads):
+    for g in grads:
+        for p, gp in zip(net.parameters(), g):
+            p.grad = gp.clone()
+        opt.step()
+
+
+def test_lars_excluded_is_sgd_with_momentum():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    ref = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    ref.load_state_dict(net.state_dict())
+    grads = [[torch.randn_like(p) for p in net.parameters()] for _ in range(2)]
+    two_steps(net, LARS(lars_param_groups(net, 1e-2), lr=0.1), grads)
+    two_steps(ref, torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9), grads)
+    for (name, p), q in zip(net.named_parameters(), ref.parameters()):
+        if p.ndim <= 1:                                            # biases, BN weights: plain SGD, no wd
+            assert torch.allclose(p, q, atol=1e-6), name
+        else:
+            assert not torch.allclose(p, q, atol=1e-6), name
+
+
+@pytest.mark.parametrize("lr", [1.0, 1e-4])   # trust ratio below lr (adapted) and above it (clipped to 1)
+def test_lars_adapted_step_by_hand(lr):
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(3, 4))
+    g = torch.randn(3, 4)
+    w0 = w.detach().clone()
+    w.grad = g.clone()
+    eta, wd, eps = 0.02, 1e-5, 1e-8
+    LARS([w], lr=lr, eta=eta, weight_decay=wd).step()
+    q = eta * w0.norm() / (g.norm() + wd * w0.norm() + eps)
+    q = min(q.item() / lr, 1.0)
+    assert (q < 1) == (lr == 1.0)
+    assert torch.allclose(w.detach(), w0 - lr * q * (g + wd * w0), atol=1e-7)
+
+
+# ---------------------------------------------------------------- augmentations
+
+def padded_batch(value=7.0, sizes=((40, 30), (24, 48), (48, 48), (20, 36))):
+    """real region filled with `value`, zero padding at bottom/right"""
+    sizes = torch.tensor(sizes)
+    x = torch.zeros(len(sizes), 1, 48, 48)
+    for i, (h, w) in enumerate(sizes.tolist()):
+        x[i, 0, :h, :w] = value
+    return x, sizes
+
+
+def test_shapes_dtype_and_constant_value():
+    x, sizes = padded_batch(7.0)
+    labels = (x[:, 0] > 0).long()
+    out, lab = augment(x, sizes, gen(), MEAN, STD, out_size=32, jitter_p=0.0, labels=labels)
+    assert out.shape == (4, 1, 32, 32) and out.dtype == torch.float32
+    assert lab.shape == (4, 32, 32) and lab.dtype == torch.int64
+    # a constant image maps to (v - mean) / std; the padding (0) never shows up
+    assert torch.allclose(out, torch.full_like(out, (7.0 - MEAN) / STD), atol=1e-5)
+    assert (lab == 1).all()
+
+
+def test_jitter_on_constant_image_scales_by_brightness():
+    x, sizes = padded_batch(100.0)
+    out = augment(x, sizes, gen(), MEAN, STD, out_size=16, jitter_p=1.0) * STD + MEAN
+    per_sample = out.flatten(1)
+    assert torch.allclose(per_sample, per_sample[:, :1], atol=1e-3)   # contrast leaves a constant alone
+    b = per_sample[:, 0] / 100
+    assert ((b >= 0.8 - 1e-5) & (b <= 1.2 + 1e-5)).all() and not torch.allclose(b, torch.ones(4))
+
+
+def test_crop_boxes_inside_extent_and_fallback():
+    sizes = torch.tensor([[40, 30]] * 200 + [[4, 200], [200, 4]])
+    y0, x0, h, w = random_crop_boxes(sizes, gen())
+    H, W = sizes[:, 0].float(), sizes[:, 1].float()
+    assert ((y0 >= 0) & (x0 >= 0) & (h >= 1) & (w >= 1) & (y0 + h <= H) & (x0 + w <= W)).all()
+    frac, aspect = (h * w / (H * W))[:200], (w / h)[:200]
+    assert frac.min() >= 0.06 and frac.max() <= 1 and aspect.min() > 0.6 and aspect.max() < 1.6
+    assert frac.std() > 0.1                                           # crops differ per sample
+    # no 4 x 200 box can have an aspect ratio within 3/4..4/3 and area >= 8%: centered fallback
+    assert (y0[200], x0[200], h[200], w[200]) == (0, 97, 4, 5)
+    assert (y0[201], x0[201], h[201], w[201]) == (97, 0, 5, 4)
+
+
+def test_fallback_samples_only_its_box():
+    x = torch.zeros(1, 1, 8, 256)
+    x[0, 0, :4, :200] = torch.arange(1, 201).float()                 # value = column + 1
+    out = augment(x, torch.tensor([[4, 200]]), gen(), MEAN, STD, out_size=8, jitter_p=0.0, flip_p=0.0)
+    v = out * STD + MEAN
+    assert v.min() >= 98 - 1e-3 and v.max() <= 102 + 1e-3            # columns 97..101 only
+
+
+def test_crops_differ_per_sample_and_seed_determinism():
+    x = torch.linspace(1, 100, 48 * 48).view(1, 1, 48, 48).repeat(4, 1, 1, 1)
+    sizes = torch.tensor([[48, 48]] * 4)
+    a = augment(x, sizes, gen(0), MEAN, STD, out_size=16)
+    assert not torch.allclose(a[0], a[1]) and not torch.allclose(a[2], a[3])
+    assert torch.equal(a, augment(x, sizes, gen(0), MEAN, STD, out_size=16))
+    assert not torch.allclose(a, augment(x, sizes, gen(1), MEAN, STD, out_size=16))
+
+
+def test_flips():
+    x = torch.arange(48.0).view(1, 1, 1, 48).expand(3, 1, 48, 48) + 1    # increases to the right
+    sizes = torch.tensor([[48, 48], [30, 40], [48, 20]])
+    plain = augment(x, sizes, gen(3), MEAN, STD, out_size=16, flip_p=0.0)
+    flipped = augment(x, sizes, gen(3), MEAN, STD, out_size=16, flip_p=1.0)
+    assert torch.allclose(flipped, plain.flip(-1), atol=1e-6)          # same draws, only the flip differs
+    assert (plain.diff(dim=-1) >= 0).all() and (flipped.diff(dim=-1) <= 0).all()
+
+
+def test_labels_follow_images():
+    # vertical stripes, one label level apart, image = 100 + 50 * label: nearest label and bilinear
+    # image agree to within half a level everywhere, also under per-sample flips and crops
+    col = torch.clamp(torch.arange(48) // 8, max=5)
+    labels = col.view(1, 1, 48).expand(8, 48, 48).clone()
+    images = (100 + 50 * labels).float()[:, None]
+    sizes = torch.tensor([[48, 48], [40, 44], [30, 48], [48, 24]] * 2)
+    out, lab = augment(images, sizes, gen(5), MEAN, STD, out_size=32, jitter_p=0.0, labels=labels)
+    diff = (out[:, 0] * STD + MEAN - (100 + 50 * lab)).abs()
+    assert diff.max() <= 25 + 1e-3
+    assert (diff < 1e-3).float().mean() > 0.8

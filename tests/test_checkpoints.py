@@ -1,0 +1,236 @@
+"""Tests for resnet.py's checkpoint reading: every published layout (reference/CHECKPOINT_FORMATS.md)
+and this project's own files, built with real key names and random values; conv1 adaptation;
+clear errors; and the safe loader, which must never run code from a file unless trusted.
+Run: python -m pytest tests/test_checkpoints.py"""
+import argparse
+import json
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+import resnet  # noqa: E402
+from resnet import CheckpointError, adapt_conv1, load_backbone, read_checkpoint  # noqa: E402
+
+# the reference key list (names and shapes of the published files), copied from shared/reference
+with open(os.path.join(HERE, "data", "checkpoint_keys.json")) as f:
+    KEYS = json.load(f)
+
+
+def random_state(shapes, seed):
+    """name -> random tensor of that shape (BatchNorm counters as integers)"""
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randint(1, 100, s, generator=g) if k.endswith("num_batches_tracked")
+            else torch.randn(s, generator=g) for k, s in shapes.items()}
+
+
+def resnet18_state(seed, in_chans, fc=False):
+    with torch.device("meta"):
+        model = resnet.resnet18(in_chans, num_classes=1000 if fc else 0)
+    return random_state({k: v.shape for k, v in model.state_dict().items()}, seed)
+
+
+def prefixed(prefix, state):
+    return {prefix + k: v for k, v in state.items()}
+
+
+def without_counters(state):
+    return {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+
+
+MLP = {"0.weight": [8, 4], "0.bias": [8], "1.weight": [8], "3.weight": [2, 8], "3.bias": [2]}  # tiny heads
+OPTIMIZER = {"state": {}, "param_groups": [{"lr": 0.1, "momentum": 0.9, "params": [0, 1, 2]}]}
+
+
+def build(fmt, target, online):
+    """a checkpoint of layout `fmt` around the backbones `target` (and `online`, for BYOL files)"""
+    head = random_state(MLP, 9)
+    if fmt == "imagenet":  # supervised ImageNet: flat, with the classifier
+        return target
+    if fmt == "yaox12":  # resnet50_byol_imagenet2012.pth.tar: legacy, DataParallel names, no counters
+        return {"online_backbone": prefixed("module.", without_counters(online)),
+                "target_backbone": prefixed("module.", without_counters(target)),
+                "online_projection": prefixed("module.", head), "predictor": prefixed("module.", head),
+                "optimizer": OPTIMIZER, "config": {"model": {"base_momentum": 0.99}}}
+    solo = {**prefixed("backbone.", online), **prefixed("momentum_backbone.", target),
+            **prefixed("projector.", head), **prefixed("momentum_projector.", head),
+            **prefixed("predictor.", head), "classifier.weight": torch.randn(3, 4), "classifier.bias": torch.randn(3)}
+    if fmt == "solo_ckpt":  # byol-imagenet-acdc-ep=34.ckpt
+        return {"state_dict": solo, "epoch": 34, "global_step": 1000, "optimizer_states": [OPTIMIZER],
+                "lr_schedulers": [{"last_epoch": 3}], "hyper_parameters": {"lr": 1.0, "method": "byol"}}
+    if fmt == "solo_pth":  # byol-imagenet-acdc-ep=25.pth
+        return solo
+    if fmt == "plain":  # byol_acdc_backbone_last.pth, and this project's RUN/backbone.pth
+        return target
+    if fmt == "project_byol":  # this project's pretraining RUN/checkpoint.pt
+        model = {**prefixed("backbone.", online), **prefixed("projector.", head), **prefixed("predictor.", head),
+                 **prefixed("target_backbone.", target), **prefixed("target_projector.", head)}
+        return {"kind": "byol", "model": model, "optimizer": OPTIMIZER, "scaler": {}, "epoch": 1, "step": 10,
+                "rng": {"torch": torch.get_rng_state()}, "config": {"arch": "resnet18"}}
+    decoder = {"decoder.blocks.0.conv1.0.weight": torch.randn(4, 4, 3, 3), "segmentation_head.0.bias": torch.randn(4)}
+    if fmt == "project_segmentation":  # this project's segmentation RUN/best.pt
+        return {"kind": "segmentation", "model": {**prefixed("encoder.", target), **decoder},
+                "arch": "resnet18", "in_chans": 1, "num_classes": 4, "epoch": 3, "config": {}}
+    if fmt in ("paper_segmentation", "paper_segmentation_timm"):  # the paper's fine-tuned U-Net (Lightning)
+        encoder = "model.encoder.model." if fmt.endswith("timm") else "model.encoder."
+        return {"state_dict": {**prefixed(encoder, target), **prefixed("model.", decoder)},
+                "epoch": 99, "global_step": 5, "hyper_parameters": {"config": {"lr": 0.001}}}
+    raise ValueError(fmt)
+
+
+# format -> (conv1 input channels stored, holds an online branch too)
+FORMATS = {"imagenet": (3, False), "yaox12": (3, True), "solo_ckpt": (1, True), "solo_pth": (1, True),
+           "plain": (1, False), "project_byol": (1, True), "project_segmentation": (1, False),
+           "paper_segmentation": (1, False), "paper_segmentation_timm": (1, False)}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_layout_loads_the_right_backbone(fmt, tmp_path, capsys):
+    stored_chans, two_branches = FORMATS[fmt]
+    target = resnet18_state(1, stored_chans, fc=(fmt == "imagenet"))
+    online = resnet18_state(2, stored_chans)
+    path = tmp_path / "weights.pth"
+    torch.save(build(fmt, target, online), path)
+
+    branches = ["target", "online"] if two_branches else ["target"]
+    for branch, expected in zip(branches, [target, online]):
+        state = load_backbone(path, in_chans=1, branch=branch)
+        line = capsys.readouterr().out.strip()
+        model = resnet.resnet18(in_chans=1)
+        model.load_state_dict(state, strict=True)
+        # every value comes from the chosen branch (conv1 after its adaptation)
+        for k, v in model.state_dict().items():
+            if fmt == "yaox12" and k.endswith("num_batches_tracked"):  # legacy, not stored: zeros
+                assert v == 0
+            else:
+                assert torch.equal(v, adapt_conv1(expected[k], 1) if k == "conv1.weight" else expected[k]), k
+        side = f"({branch} branch)" if two_branches else "(single backbone)"
+        assert line.startswith("loaded resnet18 backbone ") and f" from {path} {side}" in line
+        assert "; unused: " in line and line.count("\n") == 0
+    if fmt == "imagenet":
+        assert "fc (2 tensors)" in line and "conv1 3 -> 1 channels (summed)" in line
+    if fmt == "yaox12":
+        assert "num_batches_tracked missing, set to 0" in line
+    if fmt == "solo_ckpt":
+        assert "projector (5 tensors)" in line and "optimizer_states" in line and "hyper_parameters" in line
+
+
+def test_exact_resnet50_imagenet_keys():
+    """the reference list itself: 320 names of torchvision/timm's ResNet50, fc included"""
+    imagenet = random_state(KEYS["resnet50_imagenet_3ch_with_fc"], 0)
+    state = load_backbone(imagenet, in_chans=1)
+    assert set(state) == set(imagenet) - {"fc.weight", "fc.bias"} and len(state) == 318
+    assert torch.equal(state["conv1.weight"], imagenet["conv1.weight"].sum(1, keepdim=True))
+    resnet.resnet50(in_chans=1).load_state_dict(state, strict=True)
+
+
+def test_adapt_conv1():
+    w = torch.randn(64, 3, 7, 7)
+    assert adapt_conv1(w, 3) is w
+    assert torch.equal(adapt_conv1(w, 1), w.sum(1, keepdim=True))  # the paper: summed over RGB
+    # timm: repeat the kernels, cut to in_chans, rescale by C / in_chans
+    assert torch.allclose(adapt_conv1(w, 2), w[:, [0, 1]] * 1.5)
+    assert torch.allclose(adapt_conv1(w, 5), w[:, [0, 1, 2, 0, 1]] * 0.6)
+    assert torch.allclose(adapt_conv1(w[:, :1], 3), w[:, [0, 0, 0]] / 3)
+    # why summing is right: a grey image (R = G = B) gets the response the RGB network gave it
+    grey = torch.randn(2, 1, 32, 32)
+    assert torch.allclose(F.conv2d(grey, adapt_conv1(w, 1)), F.conv2d(grey.repeat(1, 3, 1, 1), w), atol=1e-4)
+    assert adapt_conv1(w.half(), 1).dtype == torch.half
+
+
+def test_conv1_to_two_channels(capsys):
+    imagenet = resnet18_state(0, 3, fc=True)
+    state = load_backbone(imagenet, in_chans=2)
+    assert torch.allclose(state["conv1.weight"], imagenet["conv1.weight"][:, [0, 1]] * 1.5)
+    assert "conv1 3 -> 2 channels (repeated, rescaled)" in capsys.readouterr().out
+
+
+def test_bad_branch_and_wrong_arch():
+    with pytest.raises(ValueError, match="branch"):
+        load_backbone(resnet18_state(0, 1), branch="momentum")
+    with pytest.raises(CheckpointError, match="as resnet50: does not fit the model: missing"):
+        load_backbone(resnet18_state(0, 1), arch="resnet50")
+
+
+def test_unknown_format_lists_keys():
+    with pytest.raises(CheckpointError, match="no ResNet found .*weird.weight, other.bias"):
+        load_backbone({"weird.weight": torch.zeros(2), "other.bias": torch.zeros(2)})
+
+
+def test_wrong_shape_names_key_and_shapes():
+    state = resnet18_state(0, 1)
+    state["layer2.0.conv1.weight"] = torch.zeros(128, 32, 3, 3)
+    with pytest.raises(CheckpointError) as err:
+        load_backbone(state)
+    assert "layer2.0.conv1.weight" in str(err.value)
+    assert "[128, 32, 3, 3]" in str(err.value) and "[128, 64, 3, 3]" in str(err.value)
+
+
+def test_missing_key_is_listed():
+    state = resnet18_state(0, 1)
+    del state["layer4.1.bn2.weight"]
+    with pytest.raises(CheckpointError, match=r"missing 1 \(layer4.1.bn2.weight\)"):
+        load_backbone(state)
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        read_checkpoint(tmp_path / "nothing.pth")
+    good = tmp_path / "good.pth"
+    torch.save(resnet18_state(0, 1), good)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[:100_000])
+    text = tmp_path / "notes.pth"
+    text.write_text("these are not weights\n")
+    listing = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], listing)
+    for path in (truncated, text, listing):
+        with pytest.raises(CheckpointError, match=str(path)):
+            read_checkpoint(path)
+
+
+def test_torch_older_than_2_6_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch, "__version__", "2.5.1")
+    with pytest.raises(CheckpointError, match="torch >= 2.6"):
+        read_checkpoint(tmp_path / "any.pth")
+
+
+class Payload:
+    """a pickle that, when unpickled by the full unpickler, runs code (here: creates a file)"""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def test_malicious_pickle_never_runs_without_trust(tmp_path):
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "evil.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "payload": Payload(marker)}, path)
+    for load in (read_checkpoint, load_backbone):
+        with pytest.raises(CheckpointError, match="--trust-checkpoint") as err:
+            load(path)
+        assert str(path) in str(err.value)
+        assert not marker.exists()
+    # the control: the payload is live, and trust=True really means the full unpickler
+    read_checkpoint(path, trust=True)
+    assert marker.exists()
+
+
+def test_lightning_objects_need_trust(tmp_path):
+    """Lightning stores hyper_parameters as an object (AttributeDict): refused unless trusted"""
+    target, online = resnet18_state(1, 1), resnet18_state(2, 1)
+    ckpt = build("solo_ckpt", target, online)
+    ckpt["hyper_parameters"] = argparse.Namespace(lr=1.0, method="byol")
+    path = tmp_path / "byol.ckpt"
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match=f"{path}.*--trust-checkpoint"):
+        load_backbone(path)
+    state = load_backbone(path, trust=True)
+    assert torch.equal(state["layer1.0.conv1.weight"], target["layer1.0.conv1.weight"])

@@ -1,0 +1,88 @@
+"""training.py: the schedule, the run folder rules, atomic writes, RNG round trip, fault detection."""
+import math
+import os
+import random
+
+import pytest
+import torch
+
+import training
+
+
+def test_warmup_cosine_values():
+    lr = lambda s: training.warmup_cosine(s, total_steps=110, warmup_steps=10, base_lr=1.0, start_lr=0.1)
+    assert lr(0) == pytest.approx(0.1)
+    assert lr(5) == pytest.approx(0.55)                    # halfway up the linear warmup
+    assert lr(10) == pytest.approx(1.0)                    # peak right after the warmup
+    assert lr(60) == pytest.approx(0.5)                    # halfway down the cosine
+    assert lr(110) == pytest.approx(0.0, abs=1e-12)
+    assert lr(200) == pytest.approx(0.0, abs=1e-12)        # clamped past the end
+    assert all(lr(s) >= lr(s + 1) for s in range(10, 110))  # decays monotonically
+
+
+def test_prepare_run_refuses_another_run(tmp_path):
+    out = str(tmp_path / "run")
+    assert training.prepare_run(out, None, False) is None  # a new folder is fine
+    training.write_json(os.path.join(out, "config.json"), {"a": 1})
+    with pytest.raises(SystemExit, match="holds another run"):
+        training.prepare_run(out, None, False)
+    assert training.prepare_run(out, "auto", False) is None  # nothing to resume yet
+    training.save_atomic({"x": torch.zeros(1)}, os.path.join(out, "checkpoint.pt"))
+    assert training.prepare_run(out, "auto", False) == os.path.join(out, "checkpoint.pt")
+    assert training.prepare_run(out, None, True) is None     # --overwrite
+    with pytest.raises(SystemExit, match="not found"):
+        training.prepare_run(out, str(tmp_path / "missing.pt"), False)
+
+
+def test_save_atomic_leaves_no_temporary(tmp_path):
+    path = str(tmp_path / "c.pt")
+    training.save_atomic({"w": torch.arange(3)}, path)
+    assert os.listdir(tmp_path) == ["c.pt"]
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(3))
+
+
+def test_rng_state_round_trip_through_a_weights_only_file(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    training.save_atomic(training.rng_state(g), str(tmp_path / "rng.pt"))
+    expected = (random.random(), torch.rand(2), torch.rand(2, generator=g))
+    state = torch.load(str(tmp_path / "rng.pt"), weights_only=True)  # plain containers and tensors only
+    random.seed(99), torch.manual_seed(99), g.manual_seed(99)
+    training.set_rng_state(state, g)
+    got = (random.random(), torch.rand(2), torch.rand(2, generator=g))
+    assert got[0] == expected[0] and torch.equal(got[1], expected[1]) and torch.equal(got[2], expected[2])
+
+
+def test_health_finds_the_first_non_finite_step():
+    health, scaler = training.Health(torch.device("cpu")), torch.amp.GradScaler("cpu", enabled=False)
+    for step, value in enumerate([1.0, 2.0, math.nan, 3.0, math.inf]):
+        health.watch(torch.tensor(value), step)
+    message, stop = health.check(scaler, False, epoch=4)
+    assert stop and "epoch 4, step 2" in message
+
+
+def test_health_passes_finite_losses_and_reports_a_stop_request():
+    health, scaler = training.Health(torch.device("cpu")), torch.amp.GradScaler("cpu", enabled=False)
+    health.watch(torch.tensor(0.5), 0)
+    assert health.check(scaler, False, 0) == (None, False)
+    assert health.check(scaler, True, 0) == (None, True)
+
+
+def test_health_stops_on_a_collapsed_fp16_scale():
+    health = training.Health(torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** -3)  # what many skipped steps in a row leave
+    message, stop = health.check(scaler, False, 7)
+    assert stop and "loss scale collapsed" in message
+
+
+def test_autocast_off_on_cpu_by_default():
+    ctx, scaler, amp = training.autocast(torch.device("cpu"), "auto")
+    assert amp == "off" and not scaler.is_enabled()
+    ctx, scaler, amp = training.autocast(torch.device("cpu"), "bf16")
+    with ctx():
+        y = torch.nn.Linear(4, 4)(torch.randn(2, 4))
+    assert y.dtype == torch.bfloat16 and not scaler.is_enabled()
+
+
+def test_skip_sampler_drops_what_was_seen():
+    s = training.SkipSampler(list(range(10)), skip=4)
+    assert list(s) == [4, 5, 6, 7, 8, 9] and len(s) == 6

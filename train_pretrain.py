@@ -1,0 +1,222 @@
+"""BYOL pretraining of a ResNet encoder on the cine slices of ACDC (the paper's self-supervised step).
+
+    python train_pretrain.py --data data/acdc-synth --out runs/byol            # one device
+    torchrun --nproc_per_node=4 train_pretrain.py --data DIR --out runs/byol   # DDP
+    python train_pretrain.py --init resnet50_imagenet.pth ...                 # hierarchical: ImageNet, then ACDC
+
+Writes RUN/config.json, RUN/log.jsonl, RUN/checkpoint.pt (resumable: --resume auto) and
+RUN/backbone.pth, the target backbone in the form of the paper's byol_acdc_backbone_last.pth,
+which train_segment.py --weights reads.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import acdc
+import training
+from byol import BYOL, LARS, augment, lars_param_groups, tau_at
+from resnet import ARCHS, load_backbone
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the paper's settings (solo-learn's BYOL on ACDC): 400 epochs from scratch, batch 128 per device
+    training.add_common_args(p, epochs=400, batch_size=128)
+    p.add_argument("--init", default="none",
+                   help="'none' (the paper's BYOL ACDC) or a backbone checkpoint to start from, e.g. ImageNet weights "
+                        "(the paper's hierarchical strategies then trained 25 epochs on ACDC)")
+    p.add_argument("--lr", type=float, default=0.5, help="LARS base learning rate, scaled by global batch / 256 (paper: 0.5)")
+    p.add_argument("--weight-decay", type=float, default=1e-5, help="LARS weight decay (paper: 1e-5)")
+    p.add_argument("--warmup-epochs", type=int, default=10, help="linear warmup epochs (paper: 10)")
+    p.add_argument("--tau-base", type=float, default=0.99, help="starting target momentum (paper: 0.99, to 1.0)")
+    p.add_argument("--split", default="train", choices=["train", "train+val", "all"],
+                   help="whose cine frames to pretrain on (the paper: the train patients only)")
+    p.add_argument("--save-backbone-epochs", default="",
+                   help="comma-separated epochs at which to keep a copy backbone_epNNN.pth (e.g. 5,10,25,50,100)")
+    p.add_argument("--collapse-threshold", type=float, default=0.01,
+                   help="warn when the std of the normalised projections falls below this (healthy: ~1/sqrt(256)=0.0625)")
+    return p.parse_args(argv)
+
+
+def make_views(batch, generator, run):
+    """two views of each slice, augmented on the device: (B, 1, H, W) raw -> 2 x (B, 1, size, size) normalised"""
+    with torch.no_grad():
+        views = [augment(batch["image"], batch["size"], generator, run.mean, run.std, out_size=run.args.size)
+                 for _ in range(2)]
+    if run.env.device.type == "cuda":
+        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+    return views
+
+
+def train_step(model, byol, views, optimizer, scaler, autocast, tau):
+    """forward and loss under autocast -> scaled backward -> step -> target update; -> (loss, z1)"""
+    with autocast():
+        loss, z1 = model(*views)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)  # no clipping: the paper's LARS had none
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    byol.update_target(tau)  # after the optimizer step, as in the paper
+    return loss, z1
+
+
+def train_one_epoch(model, byol, loader, optimizer, scaler, autocast, generator, health, run, epoch):
+    """one pass over the loader; returns the epoch's mean loss and speed (all ranks)"""
+    args, env = run.args, run.env
+    model.train()
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not env.main, dynamic_ncols=True, leave=False)
+    loss_sum, steps, t0, seen = torch.zeros((), device=env.device), 0, time.perf_counter(), 0
+    for batch in bar:
+        lr = training.warmup_cosine(run.step, run.total_steps, run.warmup_steps, run.lr)
+        tau = tau_at(run.step, run.total_steps, base=args.tau_base)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        views = make_views(training.to_device(batch, env.device), generator, run)
+        loss, z1 = train_step(model, byol, views, optimizer, scaler, autocast, tau)
+
+        health.watch(loss, run.step)
+        loss_sum += loss.detach()
+        steps += 1
+        run.step += 1
+        seen += views[0].shape[0] * env.world_size
+
+        if run.step % args.log_every == 0 or steps == len(loader):
+            message, stop = health.check(scaler, run.stop.requested, epoch)
+            if message:
+                raise FloatingPointError(message)
+            # collapse watch: the spread of the normalised projections across the batch
+            spread = F.normalize(z1.float(), dim=1).std(dim=0).mean()
+            spread = training.all_reduce(spread) / env.world_size
+            speed = seen / (time.perf_counter() - t0)
+            record = {"epoch": epoch, "step": run.step, "loss": loss.item(), "lr": lr, "tau": tau,
+                      "proj_std": spread.item(), "images_per_s": speed}
+            if env.main:
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.3g}", tau=f"{tau:.4f}", img_s=f"{speed:.0f}")
+                training.append_jsonl(run.log, record)
+                if record["proj_std"] < args.collapse_threshold:
+                    tqdm.write(f"warning: projections collapsing (std {record['proj_std']:.4f} < "
+                               f"{args.collapse_threshold}) at epoch {epoch}, step {run.step}")
+            if stop:
+                run.stopped = True
+                break
+        if args.stop_after and run.step - run.start_step >= args.stop_after:
+            run.stopped = True
+            break
+    bar.close()
+    loss_mean = training.all_reduce(loss_sum) / max(1, steps) / env.world_size
+    return {"epoch": epoch, "loss": loss_mean.item(), "steps": steps,
+            "images_per_s": seen / (time.perf_counter() - t0), "time_s": time.perf_counter() - t0}
+
+
+def save(run, byol, optimizer, scaler, generator, epoch):
+    """checkpoint.pt for resuming exactly, and backbone.pth in the paper's form (the target backbone)"""
+    training.save_checkpoint(os.path.join(run.args.out, "checkpoint.pt"), "byol", byol, optimizer, scaler,
+                             generator, epoch, run.step, config=run.config, arch=run.args.arch, in_chans=1,
+                             mean=run.mean, std=run.std)
+    training.save_atomic(byol.target_backbone.state_dict(), os.path.join(run.args.out, "backbone.pth"))
+
+
+class Run:
+    """the state the loop carries: arguments, environment, schedule numbers, step counters"""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def main(args):
+    # -------------------------------------------------------------------- distributed and AMP set-up
+    args.out = args.out or "runs/pretrain"
+    try:
+        acdc.find_cases(args.data)  # a missing or empty root fails here, before any process group
+    except acdc.DatasetError as e:
+        sys.exit(f"--data: {e}")
+    resume = training.prepare_run(args.out, args.resume, args.overwrite)
+    env = training.setup(args.device)
+    autocast, scaler, amp = training.autocast(env.device, args.amp)
+    torch.manual_seed(args.seed)
+
+    # -------------------------------------------------------------------- data
+    splits = {"train": ["train"], "train+val": ["train", "val"], "all": ["train", "val", "test"]}[args.split]
+    dataset = torch.utils.data.ConcatDataset(
+        [acdc.UnlabelledSlices(args.data, split=s, cache_dir=args.cache) for s in splits])
+    steps_per_epoch = training.steps_per_epoch(dataset, args.batch_size, env.world_size)
+
+    # -------------------------------------------------------------------- model
+    backbone = ARCHS[args.arch](in_chans=1)
+    if args.init != "none":
+        backbone.load_state_dict(load_backbone(args.init, in_chans=1, trust=args.trust_checkpoint))
+    byol = BYOL(backbone).to(env.device)  # the target starts as a copy of the online network
+    if env.world_size > 1 and env.device.type == "cuda":
+        byol = torch.nn.SyncBatchNorm.convert_sync_batchnorm(byol)  # SyncBatchNorm has no CPU kernel: gloo runs keep per-rank BN
+    if env.device.type == "cuda":
+        byol = byol.to(memory_format=torch.channels_last)
+    model = torch.compile(byol) if args.compile else byol
+    if env.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+
+    # -------------------------------------------------------------------- optimizer and schedule
+    global_batch = args.batch_size * env.world_size
+    lr = args.lr * global_batch / 256  # the paper's linear scaling rule
+    optimizer = LARS(lars_param_groups(byol, args.weight_decay), lr=lr)
+    run = Run(args=args, env=env, lr=lr, step=0, total_steps=args.epochs * steps_per_epoch,
+              warmup_steps=args.warmup_epochs * steps_per_epoch, mean=acdc.MEAN, std=acdc.STD,
+              log=os.path.join(args.out, "log.jsonl"), stop=training.StopSignal(), stopped=False)
+    run.config = training.run_config(args, env, amp=amp, global_batch=global_batch, lr_scaled=lr,
+                                      slices=len(dataset), steps_per_epoch=steps_per_epoch,
+                                      total_steps=run.total_steps, mean=run.mean, std=run.std)
+    generator = torch.Generator(device=env.device).manual_seed(args.seed * 65536 + env.rank)  # augmentation, per rank
+
+    # -------------------------------------------------------------------- resume
+    start_epoch = 0
+    if resume:
+        start_epoch, run.step = training.resume(resume, "byol", byol, optimizer, scaler, generator,
+                                                trust=args.trust_checkpoint)
+        if env.main:
+            print(f"resumed from {resume}: epoch {start_epoch}, step {run.step}")
+    run.start_step = run.step
+    if env.main:
+        print(f"BYOL pretraining: {args.arch}, {len(dataset)} unlabelled slices, {env.world_size} process(es), "
+              f"global batch {global_batch}, lr {lr:.4g}, {run.total_steps} steps, amp {amp}, device {env.device}")
+        training.print_config(run.config)
+        training.write_json(os.path.join(args.out, "config.json"), run.config)
+    keep = {int(e) for e in args.save_backbone_epochs.split(",") if e.strip()}
+
+    # -------------------------------------------------------------------- loop
+    health = training.Health(env.device)
+    for epoch in range(start_epoch, args.epochs):
+        skip = run.step - epoch * steps_per_epoch  # batches this epoch already did before an interruption
+        loader = training.make_loader(dataset, args.batch_size, env, args.workers, args.seed, epoch, skip)
+        try:
+            stats = train_one_epoch(model, byol, loader, optimizer, scaler, autocast, generator, health, run, epoch)
+        except FloatingPointError as e:
+            if env.main:
+                print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        done = run.step == (epoch + 1) * steps_per_epoch  # the epoch ran to its end
+        if env.main:
+            if done:
+                training.append_jsonl(run.log, stats)
+                print(f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['images_per_s']:.0f} images/s")
+            if run.stopped or (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+                save(run, byol, optimizer, scaler, generator, epoch + done)
+            if done and epoch + 1 in keep:
+                training.save_atomic(byol.target_backbone.state_dict(),
+                                     os.path.join(args.out, f"backbone_ep{epoch + 1:03d}.pth"))
+        if run.stopped:
+            if env.main:
+                print(f"stopped at step {run.step}: {args.out}/checkpoint.pt written; continue with --resume auto")
+            break
+
+    # -------------------------------------------------------------------- save and tear-down
+    if env.main and not run.stopped:
+        print(f"done: {args.out}/backbone.pth (the target backbone) and {args.out}/checkpoint.pt")
+
+
+if __name__ == "__main__":
+    training.run_main(main, parse_args())

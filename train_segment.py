@@ -1,0 +1,309 @@
+"""Fine-tuning the U-Net on labelled ACDC slices (the paper's downstream step).
+
+    python train_segment.py --data data/acdc-synth --weights runs/byol/backbone.pth --out runs/seg
+    python train_segment.py --weights byol_acdc_backbone_last.pth --label-fraction 0.1 --seed 1 ...
+    torchrun --nproc_per_node=4 train_segment.py ...
+
+--weights takes any backbone checkpoint resnet.py reads (every published format, this project's
+backbone.pth and checkpoint.pt), a full segmentation checkpoint (this project's best.pt or the
+paper's fine-tuned Lightning .ckpt), or none. Writes RUN/config.json, RUN/log.jsonl,
+RUN/checkpoint.pt (resumable: --resume auto) and RUN/best.pt (best validation IoU), which
+evaluate.py reads.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import acdc
+import training
+from byol import augment
+from evaluate import confusion
+from resnet import CheckpointError, load_backbone, read_checkpoint
+from unet import UNet, crop_to, load_segmentation, pad_to
+
+CLASSES = ["background", "RV", "MYO", "LV"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the paper's settings: 150 epochs, batch 192
+    training.add_common_args(p, epochs=150, batch_size=192)
+    p.add_argument("--weights", default="none", help="'none', a backbone checkpoint or a segmentation checkpoint")
+    p.add_argument("--label-fraction", type=float, default=1.0,
+                   help="fraction of the train slices to use, sampled with --seed, oversampled to a full epoch")
+    p.add_argument("--loss", default="jaccard", choices=["jaccard", "dice", "ce+dice"],
+                   help="the paper: multiclass soft Jaccard")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (paper: 1e-4)")
+    p.add_argument("--start-lr", type=float, default=1e-6, help="learning rate at the start of the warmup (paper: 1e-6)")
+    p.add_argument("--warmup-epochs", type=int, default=10, help="linear warmup epochs (paper: 10)")
+    p.add_argument("--clip", type=float, default=5.0, help="gradient norm clipping (paper: 5)")
+    p.add_argument("--freeze-encoder-epochs", type=int, default=0,
+                   help="keep the encoder's weights fixed (learning rate 0) for the first N epochs")
+    p.add_argument("--val-every", type=int, default=1, help="validate every N epochs (and at the end)")
+    p.add_argument("--val-batch-size", type=int, default=32, help="slices per validation batch")
+    return p.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# losses: pure functions of logits (B, C, H, W) and labels (B, H, W)
+
+def soft_scores(logits, labels, eps=1e-7):
+    """-> per class soft intersection and union over the whole batch, and which classes are present"""
+    probs = logits.float().softmax(dim=1)                                     # (B, C, H, W)
+    onehot = F.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2).float()   # (B, C, H, W)
+    inter = (probs * onehot).sum(dim=(0, 2, 3))                              # (C,)
+    total = (probs + onehot).sum(dim=(0, 2, 3))                              # (C,) |A| + |B|
+    return inter, total, onehot.sum(dim=(0, 2, 3)) > 0
+
+
+def jaccard_loss(logits, labels, eps=1e-7):
+    """segmentation_models_pytorch's JaccardLoss, multiclass mode (the paper's loss): per class
+    1 - I / max(U, eps), zero for classes absent from the batch's labels, mean over classes"""
+    inter, total, present = soft_scores(logits, labels)
+    score = inter / (total - inter).clamp_min(eps)
+    return ((1 - score) * present).mean()
+
+
+def dice_loss(logits, labels, eps=1e-7):
+    """the same with the Dice score 2I / (|A| + |B|) (segmentation_models_pytorch's DiceLoss)"""
+    inter, total, present = soft_scores(logits, labels)
+    score = 2 * inter / total.clamp_min(eps)
+    return ((1 - score) * present).mean()
+
+
+LOSSES = {"jaccard": jaccard_loss, "dice": dice_loss,
+          "ce+dice": lambda logits, labels: F.cross_entropy(logits.float(), labels) + dice_loss(logits, labels)}
+
+
+# -----------------------------------------------------------------------------
+# one epoch of training, and validation
+
+def make_inputs(batch, generator, run):
+    """image and mask cropped and flipped together on the device: (B, 1, H, W) -> (B, 1, size, size)"""
+    with torch.no_grad():
+        images, labels = augment(batch["image"], batch["size"], generator, run.mean, run.std,
+                                 out_size=run.args.size, jitter_p=0.2, labels=batch["label"])  # paper: jitter p=0.2
+    if run.env.device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels
+
+
+def train_step(model, images, labels, optimizer, scaler, autocast, loss_fn, clip):
+    """forward and loss under autocast -> scaled backward -> unscale -> clip -> step -> update; -> loss"""
+    with autocast():
+        logits = model(images)                                    # (B, 4, size, size)
+        loss = loss_fn(logits, labels)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def train_one_epoch(model, loader, optimizer, scaler, autocast, generator, health, run, epoch):
+    args, env = run.args, run.env
+    model.train()
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not env.main, dynamic_ncols=True, leave=False)
+    loss_sum, steps, t0, seen = torch.zeros((), device=env.device), 0, time.perf_counter(), 0
+    frozen = epoch < args.freeze_encoder_epochs
+    for batch in bar:
+        lr = training.warmup_cosine(run.step, run.total_steps, run.warmup_steps, args.lr, start_lr=args.start_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = 0.0 if frozen and group["name"] == "encoder" else lr
+        images, labels = make_inputs(training.to_device(batch, env.device), generator, run)
+        loss = train_step(model, images, labels, optimizer, scaler, autocast, run.loss_fn, args.clip)
+
+        health.watch(loss, run.step)
+        loss_sum += loss.detach()
+        steps += 1
+        run.step += 1
+        seen += images.shape[0] * env.world_size
+
+        if run.step % args.log_every == 0 or steps == len(loader):
+            message, stop = health.check(scaler, run.stop.requested, epoch)
+            if message:
+                raise FloatingPointError(message)
+            speed = seen / (time.perf_counter() - t0)
+            record = {"epoch": epoch, "step": run.step, "loss": loss.item(), "lr": lr, "images_per_s": speed}
+            if env.main:
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.3g}", iou=f"{run.best:.3f}", img_s=f"{speed:.0f}")
+                training.append_jsonl(run.log, record)
+            if stop:
+                run.stopped = True
+                break
+        if args.stop_after and run.step - run.start_step >= args.stop_after:
+            run.stopped = True
+            break
+    bar.close()
+    loss_mean = training.all_reduce(loss_sum) / max(1, steps) / env.world_size
+    return {"epoch": epoch, "loss": loss_mean.item(), "steps": steps,
+            "images_per_s": seen / (time.perf_counter() - t0), "time_s": time.perf_counter() - t0}
+
+
+@torch.no_grad()
+def validate(model, dataset, run):
+    """whole slices, deterministically: each rank takes every world_size-th slice, normalises it,
+    pads it to a multiple of 32 and crops the logits back; the confusion matrix is summed over ranks"""
+    args, env = run.args, run.env
+    model.eval()
+    shard = torch.utils.data.Subset(dataset, range(env.rank, len(dataset), env.world_size))
+    loader = torch.utils.data.DataLoader(shard, batch_size=args.val_batch_size, collate_fn=acdc.collate_slices,
+                                         num_workers=min(2, training.default_workers(args.workers)))
+    counts = torch.zeros(len(CLASSES), len(CLASSES), dtype=torch.long, device=env.device)
+    for batch in loader:
+        batch = training.to_device(batch, env.device)
+        h, w = batch["image"].shape[-2:]
+        valid = ((torch.arange(h, device=env.device)[None, :, None] < batch["size"][:, :1, None]) &
+                 (torch.arange(w, device=env.device)[None, None, :] < batch["size"][:, 1:, None]))  # (B, H, W)
+        images = acdc.normalize(batch["image"], run.mean, run.std) * valid[:, None]  # zero outside the slice
+        images, hw = pad_to(images, 32)
+        with run.autocast():
+            logits = crop_to(model(images), hw)                   # (B, 4, H, W)
+        counts += confusion(logits.argmax(1)[valid], batch["label"][valid], len(CLASSES))
+    training.all_reduce(counts)
+    inter = counts.diag().double()
+    union = counts.sum(0).double() + counts.sum(1).double() - inter
+    iou = (inter / union.clamp_min(1)).tolist()
+    return {"val_iou": sum(iou[1:]) / 3, **{f"val_iou_{c}": v for c, v in zip(CLASSES, iou)}}
+
+
+# -----------------------------------------------------------------------------
+# the script
+
+class Run:
+    """the state the loop carries: arguments, environment, schedule numbers, step counters"""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def load_weights(model, path, trust):
+    """a segmentation checkpoint continues the whole U-Net; anything else initialises the encoder"""
+    state = read_checkpoint(path, trust=trust)
+    try:
+        model.load_state_dict(load_segmentation(state))
+        return f"the whole U-Net from {path}"
+    except CheckpointError:
+        model.encoder.load_state_dict(load_backbone(state, in_chans=1))
+        return f"the encoder from {path}; decoder and head start from random weights"
+
+
+def main(args):
+    # -------------------------------------------------------------------- distributed and AMP set-up
+    args.out = args.out or "runs/segment"
+    if not 0 < args.label_fraction <= 1:
+        sys.exit(f"--label-fraction {args.label_fraction}: expected a fraction in (0, 1]")
+    try:
+        acdc.find_cases(args.data)  # a missing or empty root fails here, before any process group
+    except acdc.DatasetError as e:
+        sys.exit(f"--data: {e}")
+    resume = training.prepare_run(args.out, args.resume, args.overwrite)
+    env = training.setup(args.device)
+    autocast, scaler, amp = training.autocast(env.device, args.amp)
+    torch.manual_seed(args.seed)
+
+    # -------------------------------------------------------------------- data
+    train_set = acdc.LabelledSlices(args.data, split="train", cache_dir=args.cache)
+    if args.label_fraction < 1:
+        train_set = acdc.LabelFraction(train_set, args.label_fraction, args.seed)
+    val_set = acdc.LabelledSlices(args.data, split="val", cache_dir=args.cache)
+    steps_per_epoch = training.steps_per_epoch(train_set, args.batch_size, env.world_size)
+
+    # -------------------------------------------------------------------- model
+    model = UNet(in_chans=1, num_classes=len(CLASSES), arch=args.arch)
+    loaded = "nothing (random initialisation)"
+    if args.weights != "none":
+        loaded = load_weights(model, args.weights, args.trust_checkpoint)
+    model = model.to(env.device)
+    if env.world_size > 1 and env.device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if env.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    net = model  # the plain module: checkpoints and validation use it
+    model = torch.compile(model) if args.compile else model
+    if env.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+
+    # -------------------------------------------------------------------- optimizer and schedule
+    groups = [{"name": "encoder", "params": list(net.encoder.parameters())},
+              {"name": "decoder", "params": [p for n, p in net.named_parameters() if not n.startswith("encoder.")]}]
+    fused = {"fused": True} if env.device.type == "cuda" else {"foreach": True}
+    optimizer = torch.optim.Adam(groups, lr=args.lr, **fused)
+    run = Run(args=args, env=env, step=0, total_steps=args.epochs * steps_per_epoch,
+              warmup_steps=args.warmup_epochs * steps_per_epoch, mean=acdc.MEAN, std=acdc.STD,
+              loss_fn=LOSSES[args.loss], autocast=autocast, best=0.0, best_epoch=-1,
+              log=os.path.join(args.out, "log.jsonl"), stop=training.StopSignal(), stopped=False)
+    run.config = training.run_config(args, env, amp=amp, global_batch=args.batch_size * env.world_size,
+                                     train_slices=len(train_set), val_slices=len(val_set),
+                                     steps_per_epoch=steps_per_epoch, total_steps=run.total_steps,
+                                     weights=loaded, mean=run.mean, std=run.std)
+    generator = torch.Generator(device=env.device).manual_seed(args.seed * 65536 + env.rank)
+    meta = dict(arch=args.arch, in_chans=1, num_classes=len(CLASSES), mean=run.mean, std=run.std, config=run.config)
+
+    # -------------------------------------------------------------------- resume
+    start_epoch = 0
+    if resume:
+        start_epoch, run.step = training.resume(resume, "segmentation", net, optimizer, scaler, generator,
+                                                trust=args.trust_checkpoint)
+        best = os.path.join(args.out, "best.pt")
+        if os.path.exists(best):
+            saved = read_checkpoint(best)
+            run.best, run.best_epoch = saved["val"]["val_iou"], saved["epoch"]
+        if env.main:
+            print(f"resumed from {resume}: epoch {start_epoch}, step {run.step}")
+    run.start_step = run.step
+    if env.main:
+        print(f"fine-tuning: U-Net {args.arch}, weights: {loaded}; {len(train_set)} train slices "
+              f"(label fraction {args.label_fraction}), {len(val_set)} validation slices, global batch "
+              f"{args.batch_size * env.world_size}, {run.total_steps} steps, amp {amp}, device {env.device}")
+        training.print_config(run.config)
+        training.write_json(os.path.join(args.out, "config.json"), run.config)
+
+    # -------------------------------------------------------------------- loop
+    health = training.Health(env.device)
+    for epoch in range(start_epoch, args.epochs):
+        skip = run.step - epoch * steps_per_epoch  # batches this epoch already did before an interruption
+        loader = training.make_loader(train_set, args.batch_size, env, args.workers, args.seed, epoch, skip)
+        try:
+            stats = train_one_epoch(model, loader, optimizer, scaler, autocast, generator, health, run, epoch)
+        except FloatingPointError as e:
+            if env.main:
+                print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        done = run.step == (epoch + 1) * steps_per_epoch  # the epoch ran to its end
+        if done and ((epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs):
+            stats.update(validate(net, val_set, run))
+            if env.main and stats["val_iou"] > run.best:
+                run.best, run.best_epoch = stats["val_iou"], epoch
+                training.save_atomic({"kind": "segmentation", "model": net.state_dict(), "epoch": epoch,
+                                      "val": stats, **meta}, os.path.join(args.out, "best.pt"))
+        if env.main:
+            if done:
+                training.append_jsonl(run.log, stats)
+                print(f"epoch {epoch}: loss {stats['loss']:.4f}"
+                      + (f", val IoU {stats['val_iou']:.4f} (RV {stats['val_iou_RV']:.3f}, MYO {stats['val_iou_MYO']:.3f},"
+                         f" LV {stats['val_iou_LV']:.3f})" if "val_iou" in stats else "")
+                      + f", {stats['images_per_s']:.0f} images/s")
+            if run.stopped or (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+                training.save_checkpoint(os.path.join(args.out, "checkpoint.pt"), "segmentation", net, optimizer,
+                                         scaler, generator, epoch + done, run.step, **meta)
+        if run.stopped:
+            if env.main:
+                print(f"stopped at step {run.step}: {args.out}/checkpoint.pt written; continue with --resume auto")
+            break
+
+    # -------------------------------------------------------------------- save and tear-down
+    if env.main and not run.stopped:
+        print(f"done: best validation IoU {run.best:.4f} at epoch {run.best_epoch}: {args.out}/best.pt")
+
+
+if __name__ == "__main__":
+    training.run_main(main, parse_args())

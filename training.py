@@ -1,0 +1,321 @@
+"""Plumbing that both training scripts share: the command-line flags they have in common,
+DDP set-up and tear-down, mixed precision, the warmup-cosine schedule, the data loader,
+atomic checkpoints and exact resume, graceful stop on a signal, logging.
+
+Plain functions, not a framework: train_pretrain.py and train_segment.py call them in the
+order they read (arguments -> distributed and AMP -> data -> model -> optimizer -> resume ->
+loop -> save -> tear-down). Nothing here is run on its own.
+"""
+import contextlib
+import itertools
+import json
+import math
+import os
+import random
+import signal
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+import acdc
+from resnet import read_checkpoint
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def add_common_args(parser, *, epochs, batch_size, size=224):
+    """the flags both scripts share, with the same names (DESIGN.md)"""
+    p = parser
+    p.add_argument("--data", default="data/acdc-synth", help="ACDC root (training/, testing/ or a folder holding them)")
+    p.add_argument("--out", default=None, help="run folder for config.json, log.jsonl and checkpoints")
+    p.add_argument("--epochs", type=int, default=epochs, help="epochs to train")
+    p.add_argument("--batch-size", type=int, default=batch_size, help="slices per device per step")
+    p.add_argument("--arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50"],
+                   help="encoder (the paper: resnet50; 18/34 for quick runs)")
+    p.add_argument("--size", type=int, default=size, help="side of the random resized crops (the paper: 224)")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                   help="mixed precision; auto: bf16 on a GPU that supports it, fp16 on other GPUs, off on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: the local rank's GPU)")
+    p.add_argument("--workers", type=int, default=-1,
+                   help="data loader workers per process; -1: CPU cores / processes on this node, at most 8")
+    p.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order and augmentation")
+    p.add_argument("--resume", default=None, help="RUN/checkpoint.pt to continue from, or 'auto' (the --out run's, if any)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out folder that holds another run")
+    p.add_argument("--save-every", type=int, default=1, help="write checkpoint.pt every N epochs (and at the end)")
+    p.add_argument("--log-every", type=int, default=20, help="steps between progress updates and log.jsonl lines")
+    p.add_argument("--stop-after", type=int, default=0,
+                   help="stop after N steps in this invocation, writing checkpoint.pt (for time-limited jobs); 0: never")
+    p.add_argument("--cache", default=None, help="folder for decoded slices (default: acdc.py's)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow full unpickling of checkpoints that hold more than tensors (runs code from the file)")
+    return p
+
+
+# -----------------------------------------------------------------------------
+# distributed set-up and tear-down (torchrun only: RANK in the environment decides)
+
+@dataclass
+class Env:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    main: bool  # rank 0: the only process that prints and writes files
+
+
+def setup(device="auto"):
+    ddp = "RANK" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: no CUDA device is visible to this process")
+        device = f"cuda:{local}" if ddp or device == "cuda" else device
+        torch.cuda.set_device(device)
+    if ddp:
+        # nccl between GPUs, gloo on CPU (nccl has no CPU path)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Env(rank, world, local, torch.device(device), rank == 0)
+
+
+def teardown():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run_main(main, args):
+    """call main(args) and always tear the process group down; an exception still ends this process
+    with its traceback and a non-zero status, and torchrun then stops every other rank"""
+    try:
+        return main(args)
+    finally:
+        teardown()
+
+
+def all_reduce(t, op=None):
+    """sum (or op) over ranks in place; a no-op in a single process"""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def unwrap(model):
+    """the plain module under DDP (.module) and torch.compile (._orig_mod): checkpoints hold this one"""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def default_workers(requested):
+    if requested >= 0:
+        return requested
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, min(8, (os.cpu_count() or 1) // per_node))
+
+
+# -----------------------------------------------------------------------------
+# mixed precision: one code path for CPU, bf16 and fp16 (as nanoGPT)
+
+def autocast(device, amp):
+    """-> (context factory, GradScaler, dtype name). The scaler is enabled only for fp16."""
+    if amp == "auto":
+        amp = "off" if device.type != "cuda" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=(amp == "fp16"))
+    if dtype is None:
+        return contextlib.nullcontext, scaler, amp
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler, amp
+
+
+# -----------------------------------------------------------------------------
+# schedules: pure functions of the step
+
+def warmup_cosine(step, total_steps, warmup_steps, base_lr, start_lr=0.0, final_lr=0.0):
+    """linear warmup from start_lr to base_lr, then cosine decay to final_lr at total_steps"""
+    if step < warmup_steps:
+        return start_lr + (base_lr - start_lr) * step / warmup_steps
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return final_lr + (base_lr - final_lr) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+# -----------------------------------------------------------------------------
+# data: raw slices only; augmentation happens on the device
+
+class SkipSampler(torch.utils.data.Sampler):
+    """a DistributedSampler for one epoch, minus the samples already seen before an interruption"""
+
+    def __init__(self, sampler, skip=0):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self):
+        return len(self.sampler) - self.skip
+
+
+def make_loader(dataset, batch_size, env, workers, seed, epoch, skip_batches=0):
+    """a loader over the epoch's shard of this rank; the order depends on (seed, epoch) only, so a
+    resumed run sees the same batches as an uninterrupted one"""
+    sampler = torch.utils.data.DistributedSampler(
+        dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    workers = default_workers(workers)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=SkipSampler(sampler, skip_batches * batch_size),
+        num_workers=workers, collate_fn=acdc.collate_slices, drop_last=True,
+        pin_memory=env.device.type == "cuda", persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None)
+
+
+def steps_per_epoch(dataset, batch_size, world_size):
+    steps = (len(dataset) // world_size) // batch_size
+    if steps == 0:
+        sys.exit(f"--batch-size {batch_size} x {world_size} processes is larger than the dataset "
+                 f"({len(dataset)} slices): lower --batch-size")
+    return steps
+
+
+def to_device(batch, device):
+    """pinned host tensors -> device without blocking the host"""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# -----------------------------------------------------------------------------
+# run folder, atomic writes, checkpoints and exact resume
+
+def prepare_run(out, resume, overwrite):
+    """-> the checkpoint to resume from, or None. A folder that holds another run is never
+    overwritten silently. Every rank calls this before the process group exists (rank 0 writes
+    nothing until all ranks have joined it), so all of them take the same decision."""
+    os.makedirs(out, exist_ok=True)
+    mine = os.path.join(out, "checkpoint.pt")
+    if resume == "auto":
+        return mine if os.path.exists(mine) else None
+    if resume:
+        if not os.path.exists(resume):
+            sys.exit(f"--resume {resume}: file not found")
+        return resume
+    taken = [f for f in ("checkpoint.pt", "config.json", "log.jsonl") if os.path.exists(os.path.join(out, f))]
+    if taken and not overwrite:
+        sys.exit(f"--out {out} holds another run ({', '.join(taken)}): pass --resume auto to continue it, "
+                 f"--overwrite to start afresh, or choose another --out")
+    if "log.jsonl" in taken and int(os.environ.get("RANK", 0)) == 0:  # --overwrite: a fresh log
+        os.remove(os.path.join(out, "log.jsonl"))
+    return None
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint"""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def rng_state(generator):
+    """every random state a step depends on, as tensors and plain values (weights_only loads it)"""
+    state = {"python": list(random.getstate()[1]), "torch": torch.get_rng_state(), "augment": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state, generator):
+    random.setstate((3, tuple(state["python"]), None))
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["augment"].to(generator.get_state().device))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, kind, model, optimizer, scaler, generator, epoch, step, **extra):
+    """everything needed to continue exactly: unwrapped model, optimizer, scaler, counters, RNG states"""
+    save_atomic({"kind": kind, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
+                 "rng": rng_state(generator), **extra}, path)
+
+
+def resume(path, kind, model, optimizer, scaler, generator, trust=False):
+    """load a checkpoint written by save_checkpoint; -> (epoch, step)"""
+    ckpt = read_checkpoint(path, trust=trust)
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        sys.exit(f"--resume {path}: not a {kind} checkpoint of this project")
+    unwrap(model).load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"], generator)
+    return ckpt["epoch"], ckpt["step"]
+
+
+def run_config(args, env, **derived):
+    """every argument plus the environment and derived numbers, for config.json and the start-up print"""
+    return {"args": vars(args), "torch": torch.__version__, "device": str(env.device),
+            "device_name": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu",
+            "world_size": env.world_size, "argv": sys.argv, **derived}
+
+
+def print_config(config):
+    for k, v in config["args"].items():
+        print(f"  {k:>20}: {v}")
+    for k, v in config.items():
+        if k not in ("args", "argv"):
+            print(f"  {k:>20}: {v}")
+
+
+# -----------------------------------------------------------------------------
+# graceful stop and faults
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (what clusters send before killing a job) ask the run to finish its step,
+    write checkpoint.pt and exit; --resume auto picks it up"""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+class Health:
+    """finds a non-finite loss and a collapsing fp16 loss scale without a host sync per step: flags
+    accumulate on the device and are read (and agreed on across ranks) at logging intervals only"""
+
+    MIN_SCALE = 1.0  # each skipped fp16 step halves the scale: below 1 means many skips in a row
+
+    def __init__(self, device):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def watch(self, loss, step):
+        bad = ~torch.isfinite(loss.detach())
+        self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step), self.first_bad)
+
+    def check(self, scaler, stop, epoch):
+        """-> (message or None, stop requested on any rank); syncs all ranks"""
+        t = torch.stack([self.first_bad.float().clamp(min=-1), torch.tensor(float(stop), device=self.first_bad.device)])
+        all_reduce(t, dist.ReduceOp.MAX)
+        if t[0] >= 0:
+            return f"non-finite loss at epoch {epoch}, step {int(t[0])}: stopping; the last good checkpoint.pt is kept", True
+        if scaler.is_enabled() and scaler.get_scale() < self.MIN_SCALE:
+            return (f"fp16 loss scale collapsed to {scaler.get_scale():.3g} at epoch {epoch}: the grad scaler "
+                    f"skipped many steps in a row; try --amp bf16 or a lower learning rate"), True
+        return None, bool(t[1] > 0)
