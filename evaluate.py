@@ -28,12 +28,12 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from tqdm import tqdm
 
 import acdc
 import unet
-from resnet import CheckpointError
+import training
+from resnet import CheckpointError, read_checkpoint
 
 STRUCTURES = {1: "RV", 2: "MYO", 3: "LV"}  # ACDC's label values
 CLASS_NAMES = ["BG", "RV", "MYO", "LV"]
@@ -196,35 +196,27 @@ def mean_std(values):
 # -----------------------------------------------------------------------------
 # prediction: the paper's protocol for each slice, stacked back into the volume
 
-def resolve_amp(device, amp):
-    """auto -> bf16 on GPUs that have it, fp16 on older GPUs, off on the CPU"""
-    if amp != "auto":
-        return amp
-    return "off" if device.type != "cuda" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
-
-
 @torch.inference_mode()
-def predict_slices(model, images, amp="off", min_size=224):
-    """(B, H, W) raw intensities -> (B, H, W) int64 labels. Normalised with the published models'
-    mean and std, zero-padded at the bottom/right to a multiple of 32 and at least min_size (224,
-    the paper's training crop), logits cropped back: the protocol the paper evaluated with."""
-    x = acdc.normalize(images.float())[:, None]  # (B, 1, H, W)
-    x, size = unet.pad_to(x, multiple=32, min_size=min_size)  # (B, 1, H', W')
+def predict_slices(model, images, norm=(acdc.MEAN, acdc.STD), autocast=contextlib.nullcontext, min_size=224):
+    """(B, H, W) raw intensities -> (B, H, W) int64 labels, by the protocol the paper evaluated with:
+    zero-padded at the bottom/right to a multiple of 32 and at least min_size (224, its training
+    crop), then normalised (the paper padded the raw image first), logits cropped back"""
+    x, size = unet.pad_to(images.float()[:, None], multiple=32, min_size=min_size)  # (B, 1, H', W')
+    x = acdc.normalize(x, *norm)
     if x.is_cuda:
         x = x.contiguous(memory_format=torch.channels_last)
-    amp = resolve_amp(x.device, amp)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    with torch.autocast(x.device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+    with autocast():
         logits = model(x)  # (B, C, H', W')
     return unet.crop_to(logits, size).argmax(1)  # (B, H, W)
 
 
-def predict_volume(model, volume, device, amp="off", batch_size=32, min_size=224):
+def predict_volume(model, volume, device, norm=(acdc.MEAN, acdc.STD), autocast=contextlib.nullcontext,
+                   batch_size=32, min_size=224):
     """(X, Y, Z) image volume (numpy or tensor, nibabel's axis order) -> (X, Y, Z) uint8 labels on
     `device`, predicted slice by slice ([:, :, z], as acdc.py hands slices to the model) in batches.
     The model must already be on `device` and in eval mode."""
     slices = torch.as_tensor(volume).to(device).permute(2, 0, 1)  # (Z, X, Y)
-    labels = [predict_slices(model, slices[i:i + batch_size], amp, min_size)
+    labels = [predict_slices(model, slices[i:i + batch_size], norm, autocast, min_size)
               for i in range(0, len(slices), batch_size)]
     return torch.cat(labels).to(torch.uint8).permute(1, 2, 0)  # (X, Y, Z)
 
@@ -232,9 +224,24 @@ def predict_volume(model, volume, device, amp="off", batch_size=32, min_size=224
 # -----------------------------------------------------------------------------
 # the model: this project's best.pt / checkpoint.pt, or the paper's fine-tuned Lightning checkpoints
 
+def normalisation_of(ckpt):
+    """(mean, std) the checkpoint's model was trained with. This project stores them. The paper's
+    code normalised with albumentations' Normalize, whose max_pixel_value (default 255) multiplies
+    mean and std: its fine-tuned models saw (x - 255 * MEAN) / (255 * STD), and their BatchNorm
+    statistics expect that input."""
+    if ckpt.get("kind") == "segmentation":
+        return ckpt.get("mean", acdc.MEAN), ckpt.get("std", acdc.STD)
+    hyper = ckpt.get("hyper_parameters") or {}
+    config = hyper.get("config", {}) if isinstance(hyper, dict) else {}
+    scale = config.get("norm_max_pixel_value", 255.0) if isinstance(config, dict) else 255.0
+    return acdc.MEAN * scale, acdc.STD * scale
+
+
 def load_model(path, device, trust=False):
-    """-> UNet in eval mode on `device`; its encoder, input channels and classes read from the weights"""
-    state = unet.load_segmentation(path, trust=trust)
+    """-> (UNet in eval mode on `device`, (mean, std) of its input normalisation); its encoder, input
+    channels and classes are read from the weights"""
+    ckpt = read_checkpoint(path, trust=trust)
+    state = unet.load_segmentation(ckpt)
     config = unet.unet_args(state)
     if config["num_classes"] != len(CLASS_NAMES):
         raise CheckpointError(f"{path}: a U-Net with {config['num_classes']} classes; ACDC's are 4 (BG, RV, MYO, LV)")
@@ -243,29 +250,17 @@ def load_model(path, device, trust=False):
     model = model.to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    return model
+    return model, normalisation_of(ckpt)
 
 
 # -----------------------------------------------------------------------------
 # outputs: atomic files, NIfTI masks, PNG overlays
 
-def write_atomic(path, write):
-    """write(tmp) then rename: a crash never leaves half a file under the final name"""
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".tmp{os.getpid()}.{name}")  # same extension: nibabel picks the format from it
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_text(path, text):
     def write(tmp):
         with open(tmp, "w") as f:
             f.write(text)
-    write_atomic(path, write)
+    training.write_atomic(path, write)
 
 
 def write_nifti(path, labels, source):
@@ -273,7 +268,7 @@ def write_nifti(path, labels, source):
     img = nib.Nifti1Image(np.asarray(labels, dtype=np.uint8), source.affine, source.header.copy())
     img.set_data_dtype(np.uint8)
     img.header.set_slope_inter(1, 0)  # labels are stored as they are, never rescaled
-    write_atomic(path, lambda tmp: nib.save(img, tmp))
+    training.write_atomic(path, lambda tmp: nib.save(img, tmp))
 
 
 def overlay(gray, labels, alpha=0.45):
@@ -418,9 +413,7 @@ def summarize(rows, ious, clinical):
 def main(args):
     t0 = time.time()
     # ---- set-up: device, output folder (a finished evaluation is never overwritten silently)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device is visible to this process")
+    device = training.setup(args.device).device
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"eval-{args.split}")
     if os.path.exists(os.path.join(out, "metrics.json")) and not args.overwrite:
         sys.exit(f"--out {out} holds a finished evaluation (metrics.json): pass --overwrite or choose another --out")
@@ -428,14 +421,15 @@ def main(args):
     # ---- data and model
     try:
         cases = acdc.select(acdc.find_cases(args.data), args.split, args.data)
-        model = load_model(args.checkpoint, device, trust=args.trust_checkpoint)
+        model, norm = load_model(args.checkpoint, device, trust=args.trust_checkpoint)
     except (acdc.DatasetError, CheckpointError) as e:
         sys.exit(str(e))
     loader = torch.utils.data.DataLoader(CaseVolumes(cases), batch_size=None, collate_fn=as_is,
                                          num_workers=args.workers)
     net = torch.compile(model) if args.compile else model
-    amp = resolve_amp(device, args.amp)
-    print(f"evaluating {len(cases)} patients of split '{args.split}' on {device}, amp {amp}; writing to {out}")
+    autocast, _, amp = training.autocast(device, args.amp)
+    print(f"evaluating {len(cases)} patients of split '{args.split}' on {device}, amp {amp}, input normalised as "
+          f"(x - {norm[0]:.6g}) / {norm[1]:.6g}; writing to {out}")
     os.makedirs(out, exist_ok=True)
     if os.path.exists(os.path.join(out, "metrics.json")):  # --overwrite: the old summary goes first, so an
         os.remove(os.path.join(out, "metrics.json"))        # interrupted run never passes for a finished one
@@ -446,7 +440,7 @@ def main(args):
         tiles, phases = [], {}
         for frame, image, label in frames:
             spacing = image.spacing  # mm along X, Y, Z
-            pred = predict_volume(net, image.data, device, amp, args.batch_size, args.min_size)  # (X, Y, Z) uint8
+            pred = predict_volume(net, image.data, device, norm, autocast, args.batch_size, args.min_size)  # (X, Y, Z)
             truth = torch.from_numpy(label.data).to(device)
             name = f"patient{case.patient:03d}_frame{frame.frame:02d}"
             write_nifti(os.path.join(out, f"{name}_pred.nii.gz"), pred.cpu().numpy(), image)
@@ -460,8 +454,7 @@ def main(args):
         clinical.append((clinical_indices(ed_pred, es_pred, ed_sp, es_sp),
                          clinical_indices(ed_truth, es_truth, ed_sp, es_sp)))
         picture = case_png(tiles)
-        write_atomic(os.path.join(out, f"patient{case.patient:03d}.png"),
-                     lambda tmp: torchvision.io.write_png(picture, tmp))
+        acdc.write_png(os.path.join(out, f"patient{case.patient:03d}.png"), picture)
 
     # ---- summary; metrics.json last: its presence marks a finished evaluation
     metrics = {"checkpoint": os.path.abspath(args.checkpoint), "data": os.path.abspath(args.data),

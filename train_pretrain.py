@@ -142,8 +142,9 @@ def main(args):
 
     # -------------------------------------------------------------------- data
     splits = {"train": ["train"], "train+val": ["train", "val"], "all": ["train", "val", "test"]}[args.split]
-    dataset = torch.utils.data.ConcatDataset(
-        [acdc.UnlabelledSlices(args.data, split=s, cache_dir=args.cache) for s in splits])
+    with training.main_first(env):
+        dataset = torch.utils.data.ConcatDataset(
+            [acdc.UnlabelledSlices(args.data, split=s, cache_dir=args.cache) for s in splits])
     steps_per_epoch = training.steps_per_epoch(dataset, args.batch_size, env.world_size)
 
     # -------------------------------------------------------------------- model
@@ -216,6 +217,7 @@ def main(args):
     # -------------------------------------------------------------------- save and tear-down
     if env.main and not run.stopped:
         print(f"done: {args.out}/backbone.pth (the target backbone) and {args.out}/checkpoint.pt")
+    return byol
 
 
 if __name__ == "__main__":

@@ -210,10 +210,11 @@ def main(args):
     torch.manual_seed(args.seed)
 
     # -------------------------------------------------------------------- data
-    train_set = acdc.LabelledSlices(args.data, split="train", cache_dir=args.cache)
+    with training.main_first(env):
+        train_set = acdc.LabelledSlices(args.data, split="train", cache_dir=args.cache)
+        val_set = acdc.LabelledSlices(args.data, split="val", cache_dir=args.cache)
     if args.label_fraction < 1:
         train_set = acdc.LabelFraction(train_set, args.label_fraction, args.seed)
-    val_set = acdc.LabelledSlices(args.data, split="val", cache_dir=args.cache)
     steps_per_epoch = training.steps_per_epoch(train_set, args.batch_size, env.world_size)
 
     # -------------------------------------------------------------------- model
@@ -303,6 +304,7 @@ def main(args):
     # -------------------------------------------------------------------- save and tear-down
     if env.main and not run.stopped:
         print(f"done: best validation IoU {run.best:.4f} at epoch {run.best_epoch}: {args.out}/best.pt")
+    return net
 
 
 if __name__ == "__main__":

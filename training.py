@@ -106,6 +106,17 @@ def all_reduce(t, op=None):
     return t
 
 
+@contextlib.contextmanager
+def main_first(env):
+    """rank 0 runs the block first (e.g. decoding volumes into the slice cache), the others after it,
+    so that every rank does not decode the same files at once"""
+    if not env.main and dist.is_initialized():
+        dist.barrier()
+    yield
+    if env.main and dist.is_initialized():
+        dist.barrier()
+
+
 def unwrap(model):
     """the plain module under DDP (.module) and torch.compile (._orig_mod): checkpoints hold this one"""
     model = getattr(model, "module", model)
@@ -211,18 +222,28 @@ def prepare_run(out, resume, overwrite):
     return None
 
 
+def write_atomic(path, write):
+    """write(temporary path), then rename: a crash never leaves half a file under the final name.
+    The temporary name keeps the extension (nibabel picks the format from it)."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".tmp{os.getpid()}.{name}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint"""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+    write_atomic(path, write)
 
 
 def append_jsonl(path, record):
@@ -267,7 +288,7 @@ def resume(path, kind, model, optimizer, scaler, generator, trust=False):
 
 def run_config(args, env, **derived):
     """every argument plus the environment and derived numbers, for config.json and the start-up print"""
-    return {"args": vars(args), "torch": torch.__version__, "device": str(env.device),
+    return {"args": vars(args), "torch": str(torch.__version__), "device": str(env.device),
             "device_name": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu",
             "world_size": env.world_size, "argv": sys.argv, **derived}
 

@@ -2,10 +2,10 @@
 and this project's own files, built with real key names and random values; conv1 adaptation;
 clear errors; and the safe loader, which must never run code from a file unless trusted.
 Run: python -m pytest tests/test_checkpoints.py"""
-import argparse
 import json
 import os
 import sys
+import types
 
 import pytest
 import torch
@@ -223,14 +223,47 @@ def test_malicious_pickle_never_runs_without_trust(tmp_path):
     assert marker.exists()
 
 
-def test_lightning_objects_need_trust(tmp_path):
-    """Lightning stores hyper_parameters as an object (AttributeDict): refused unless trusted"""
+class Hyper:
+    """an object of some other library inside hyper_parameters"""
+
+    def __init__(self, lr):
+        self.lr = lr
+
+
+def save_as(ckpt, cls, module, name, path):
+    """torch.save with cls pretending to live in `module` (a library not installed here)"""
+    old = cls.__module__, cls.__qualname__
+    parts = module.split(".")
+    packages = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    fake = types.ModuleType(module)
+    setattr(fake, name, cls)
+    sys.modules.update({p: fake for p in packages})
+    cls.__module__, cls.__qualname__ = module, name
+    try:
+        torch.save(ckpt, path)
+    finally:
+        cls.__module__, cls.__qualname__ = old
+        for p in packages:
+            del sys.modules[p]
+
+
+def test_lightning_hyper_parameters_load_safely_without_lightning(tmp_path):
+    """Lightning stores hyper_parameters as its AttributeDict, and configs as OmegaConf objects: without
+    those libraries and without trust, inert stand-ins take their place and the tensors load"""
+    class AttributeDict(dict):
+        pass
     target, online = resnet18_state(1, 1), resnet18_state(2, 1)
-    ckpt = build("solo_ckpt", target, online)
-    ckpt["hyper_parameters"] = argparse.Namespace(lr=1.0, method="byol")
     path = tmp_path / "byol.ckpt"
-    torch.save(ckpt, path)
-    with pytest.raises(CheckpointError, match=f"{path}.*--trust-checkpoint"):
-        load_backbone(path)
-    state = load_backbone(path, trust=True)
+    ckpt = build("solo_ckpt", target, online)
+    ckpt["hyper_parameters"] = AttributeDict(lr=1.0, method="byol")
+    save_as(ckpt, AttributeDict, "pytorch_lightning.utilities.parsing", "AttributeDict", path)
+    state = load_backbone(path)
     assert torch.equal(state["layer1.0.conv1.weight"], target["layer1.0.conv1.weight"])
+    assert read_checkpoint(path)["hyper_parameters"]["lr"] == 1.0
+
+
+def test_objects_of_other_modules_still_need_trust(tmp_path):
+    path = tmp_path / "other.ckpt"
+    save_as({"state_dict": {}, "hyper_parameters": Hyper(0.5)}, Hyper, "some_library.config", "Hyper", path)
+    with pytest.raises(CheckpointError, match=f"{path}.*--trust-checkpoint"):
+        read_checkpoint(path)

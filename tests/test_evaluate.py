@@ -202,6 +202,7 @@ def test_predict_volume_keeps_orientation_and_crops_padding():
 
 
 def test_load_model_reads_the_papers_lightning_checkpoint(tmp_path):
+    import acdc
     import unet
     torch.manual_seed(0)
     model = unet.UNet(arch="resnet18").eval()
@@ -209,7 +210,8 @@ def test_load_model_reads_the_papers_lightning_checkpoint(tmp_path):
     # no architecture field
     state = {"model." + k.replace("encoder.", "encoder.model.", 1): v for k, v in model.state_dict().items()}
     torch.save({"state_dict": state, "epoch": 3}, tmp_path / "paper.ckpt")
-    loaded = ev.load_model(str(tmp_path / "paper.ckpt"), torch.device("cpu"))
+    loaded, norm = ev.load_model(str(tmp_path / "paper.ckpt"), torch.device("cpu"))
+    assert norm == (255 * acdc.MEAN, 255 * acdc.STD)  # albumentations' Normalize, max_pixel_value 255
     x = torch.randn(1, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))

@@ -1,0 +1,230 @@
+"""Throughput: the compute ceiling and the end-to-end step side by side, in one run.
+
+    python bench.py pretrain --batch-size 128 --amp bf16 [--compile]     # BYOL step
+    python bench.py segment --batch-size 192 --amp bf16 [--compile]      # U-Net fine-tuning step
+    python bench.py evaluate                                              # volumes/s, whole evaluation path
+    python bench.py segment --device cpu --arch resnet18 --size 64 --batch-size 8 --steps 5
+
+For a training mode it times (a) the ceiling: the training step of train_pretrain.py /
+train_segment.py on one fixed batch already on the device, and (b) the end-to-end step: real
+slices from acdc.py (a phantom by default) through the DataLoader, the host-to-device copy, the
+augmentation on the device and the same step. It prints images/s for both, their ratio, the
+share of the end-to-end time spent waiting for data and augmenting, the peak device memory,
+and one JSON line for collecting results.
+"""
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import tempfile
+import time
+from types import SimpleNamespace
+
+import torch
+
+import acdc
+import evaluate
+import train_pretrain
+import train_segment
+import training
+from byol import BYOL, LARS, lars_param_groups
+from resnet import ARCHS
+from unet import UNet
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=["pretrain", "segment", "evaluate"], help="which path to time")
+    p.add_argument("--data", default="data/acdc-synth", help="ACDC root; a phantom is written to a temporary folder if absent")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the paper's (pretrain 128, segment 192, evaluate 32)")
+    p.add_argument("--size", type=int, default=224, help="crop side (the paper: 224)")
+    p.add_argument("--arch", default="resnet50", choices=list(ARCHS), help="encoder")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, cudnn autotuning)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--workers", type=int, default=-1, help="loader workers; -1: as the training scripts")
+    p.add_argument("--seed", type=int, default=0, help="seed")
+    return p.parse_args(argv)
+
+
+class Timer:
+    """wall time of a block; waits for the device first and last, so queued GPU work is counted"""
+
+    def __init__(self, device):
+        self.device, self.total = device, 0.0
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __enter__(self):
+        self.sync()
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.sync()
+        self.total += time.perf_counter() - self.t0
+
+
+class Stopwatch:
+    """device time of the blocks it wraps, without synchronising (which would stall the pipeline
+    it measures): CUDA events on a GPU, the clock on the CPU. Read seconds() after a sync."""
+
+    def __init__(self, device):
+        self.cuda, self.spans, self.cpu = device.type == "cuda", [], 0.0
+
+    @contextlib.contextmanager
+    def __call__(self):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.spans.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self.cpu += time.perf_counter() - t0
+
+    def seconds(self):
+        return self.cpu + sum(a.elapsed_time(b) for a, b in self.spans) / 1000
+
+
+def build(args, env, dataset_kind):
+    """-> (inputs(batch on device, generator): the script's augmentation, step(inputs): its training step, amp)"""
+    autocast, scaler, amp = training.autocast(env.device, args.amp)
+    run = SimpleNamespace(args=SimpleNamespace(size=args.size), env=env, mean=acdc.MEAN, std=acdc.STD)
+    if dataset_kind == "pretrain":
+        net = BYOL(ARCHS[args.arch](in_chans=1)).to(env.device)
+        optimizer = LARS(lars_param_groups(net, 1e-5), lr=0.1)
+    else:
+        net = UNet(in_chans=1, num_classes=4, arch=args.arch).to(env.device)
+        fused = {"fused": True} if env.device.type == "cuda" else {"foreach": True}
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-4, **fused)
+    if env.device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    model = torch.compile(net) if args.compile else net
+    model.train()
+
+    def inputs(batch, generator):
+        if dataset_kind == "pretrain":
+            return train_pretrain.make_views(batch, generator, run)
+        return train_segment.make_inputs(batch, generator, run)
+
+    def step(inputs):
+        if dataset_kind == "pretrain":
+            return train_pretrain.train_step(model, net, inputs, optimizer, scaler, autocast, tau=0.99)
+        return train_segment.train_step(model, *inputs, optimizer, scaler, autocast, train_segment.jaccard_loss, 5.0)
+    return inputs, step, amp
+
+
+def bench_training(args, env, data):
+    dataset = (acdc.UnlabelledSlices if args.mode == "pretrain" else acdc.LabelledSlices)(data, split="train")
+    inputs, step, amp = build(args, env, args.mode)
+    generator = torch.Generator(device=env.device).manual_seed(args.seed)
+    n = args.warmup + args.steps
+
+    def batches():  # as many batches as asked for, epoch after epoch
+        for epoch in itertools.count():
+            yield from training.make_loader(dataset, args.batch_size, env, args.workers, args.seed, epoch)
+
+    # (a) the ceiling: one fixed batch, augmented once, already on the device
+    fixed = inputs(training.to_device(next(batches()), env.device), generator)
+    ceiling = Timer(env.device)
+    for i in range(n):
+        if i == args.warmup:
+            ceiling.__enter__()
+        step(fixed)
+    ceiling.__exit__()
+
+    # (b) end to end: loader -> copy -> augmentation -> step; host time blocked on the loader and
+    # device time in augmentation are counted on the side, without extra synchronisation
+    total, wait, augmenting = Timer(env.device), 0.0, Stopwatch(env.device)
+    it = batches()
+    for i in range(n):
+        if i == args.warmup:
+            total.__enter__()
+            wait, augmenting = 0.0, Stopwatch(env.device)
+        t0 = time.perf_counter()
+        batch = training.to_device(next(it), env.device)
+        wait += time.perf_counter() - t0
+        with augmenting():
+            x = inputs(batch, generator)
+        step(x)
+    total.__exit__()
+    images = args.steps * args.batch_size
+    out = {"mode": args.mode, "arch": args.arch, "size": args.size, "batch_size": args.batch_size, "amp": amp,
+           "compile": args.compile, "device": evaluate_device_name(env.device), "steps": args.steps,
+           "ceiling_images_per_s": images / ceiling.total, "end_to_end_images_per_s": images / total.total}
+    out["ratio"] = out["end_to_end_images_per_s"] / out["ceiling_images_per_s"]
+    out["data_wait_share"] = wait / total.total
+    out["augment_share"] = augmenting.seconds() / total.total
+    return out
+
+
+def evaluate_device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def bench_evaluate(args, env, data):
+    """volumes/s through the whole evaluation path: read, predict slice by slice, Dice and Hausdorff"""
+    cases = acdc.select(acdc.find_cases(data), "test")
+    frames = [f for c in cases for f in c.frames]
+    model = UNet(in_chans=1, num_classes=4, arch=args.arch).to(env.device).eval()
+    if env.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model = torch.compile(model) if args.compile else model
+    amp = evaluate.resolve_amp(env.device, args.amp)
+    timer, count = Timer(env.device), 0
+    for i, frame in enumerate(itertools.islice(itertools.cycle(frames), args.warmup + args.steps)):
+        if i == args.warmup:
+            timer.__enter__()
+        image = acdc.read_volume(frame.image)
+        truth = torch.as_tensor(acdc.read_label(frame.label).data, device=env.device)
+        pred = evaluate.predict_volume(model, image.data, env.device, amp, batch_size=args.batch_size)
+        evaluate.score_volume(pred, truth, image.spacing)
+        count += i >= args.warmup
+    timer.__exit__()
+    return {"mode": "evaluate", "arch": args.arch, "batch_size": args.batch_size, "amp": amp, "compile": args.compile,
+            "device": evaluate_device_name(env.device), "volumes": count, "volumes_per_s": count / timer.total}
+
+
+def main(args):
+    args.batch_size = args.batch_size or {"pretrain": 128, "segment": 192, "evaluate": 32}[args.mode]
+    env = training.setup(args.device)
+    torch.manual_seed(args.seed)
+    if env.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats(env.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.data
+        if not os.path.isdir(data):
+            print(f"{data} not found: writing a phantom to a temporary folder")
+            data = os.path.join(tmp, "acdc")
+            acdc.write_phantom(data, patients=12, seed=args.seed)
+        result = bench_evaluate(args, env, data) if args.mode == "evaluate" else bench_training(args, env, data)
+    result["peak_memory_gb"] = (torch.cuda.max_memory_allocated(env.device) / 2**30
+                                if env.device.type == "cuda" else None)
+
+    # a readable table, then one JSON line
+    print(f"\n{args.mode} on {result['device']}: {args.arch}, batch {args.batch_size}, amp {result['amp']}, "
+          f"compile {args.compile}")
+    if args.mode == "evaluate":
+        print(f"  evaluation path        {result['volumes_per_s']:10.2f} volumes/s")
+    else:
+        print(f"  ceiling (data on device) {result['ceiling_images_per_s']:10.1f} images/s")
+        print(f"  end to end               {result['end_to_end_images_per_s']:10.1f} images/s")
+        print(f"  ratio                    {result['ratio']:10.3f}")
+        print(f"  waiting for data         {100 * result['data_wait_share']:9.1f} % of the end-to-end time")
+        print(f"  augmentation             {100 * result['augment_share']:9.1f} %")
+    if result["peak_memory_gb"] is not None:
+        print(f"  peak device memory       {result['peak_memory_gb']:10.2f} GB")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    training.run_main(main, parse_args())

@@ -1,0 +1,305 @@
+"""acdc.py: reading the ACDC layout, the split, the datasets and their cache, the check, the phantom.
+Everything runs on tiny phantoms written here (the real data cannot be downloaded)."""
+import os
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+import acdc
+
+TINY = dict(size_range=(40, 56), frames_range=(4, 6), slices_range=(3, 4))
+
+
+@pytest.fixture(scope="session")
+def phantom(tmp_path_factory):
+    """5 patients: 1 test, 2 val, 3..5 train"""
+    root = str(tmp_path_factory.mktemp("phantom"))
+    acdc.write_phantom(root, patients=5, seed=0, **TINY)
+    return root
+
+
+def one_patient(phantom, tmp_path, patient=3):
+    """a root of its own holding a copy of one train patient, to break"""
+    name = f"patient{patient:03d}"
+    shutil.copytree(os.path.join(phantom, "training", name), tmp_path / "training" / name)
+    return str(tmp_path), str(tmp_path / "training" / name)
+
+
+# -----------------------------------------------------------------------------
+# the layout, the split
+
+def test_find_cases_reads_the_phantom(phantom):
+    cases = acdc.find_cases(phantom)
+    assert [c.patient for c in cases] == [1, 2, 3, 4, 5]
+    for case in cases:
+        assert set(case.info) == {"ED", "ES", "Group", "Height", "NbFrame", "Weight"}
+        assert [f.phase for f in case.frames] == ["ED", "ES"]
+        assert [f.frame for f in case.frames] == [case.ed, case.es] == [case.info["ED"], case.info["ES"]]
+        assert case.frames[1].image.endswith(f"patient{case.patient:03d}_frame{case.es:02d}.nii.gz")
+        assert case.frames[1].label.endswith(f"_frame{case.es:02d}_gt.nii.gz")
+        assert nib.load(case.cine).shape[3] == case.info["NbFrame"]
+    assert [c.patient for c in acdc.find_cases(phantom, split="train")] == [3, 4, 5]
+    assert [c.patient for c in acdc.select(cases, "val")] == [2]
+
+
+def test_read_info_is_tolerant(tmp_path):
+    (tmp_path / "Info.cfg").write_text("ED: 1\n  ES :12 \nGroup: DCM\nHeight: 184.0\nnoise line\nNew: x:y\n")
+    assert acdc.read_info(tmp_path / "Info.cfg") == {"ED": 1, "ES": 12, "Group": "DCM", "Height": 184.0, "New": "x:y"}
+
+
+def test_split_of_patient_id(phantom):
+    splits = [acdc.split_of(i) for i in range(1, 101)]
+    assert [i for i in range(1, 101) if splits[i - 1] == "test"] == list(range(1, 101, 10))
+    assert [i for i in range(1, 101) if splits[i - 1] == "val"] == list(range(2, 101, 10))
+    assert splits.count("train") == 80
+    assert {acdc.split_of(i) for i in range(101, 151)} == {"testing"}
+    with pytest.raises(acdc.DatasetError, match="no patient of split 'training'"):
+        acdc.find_cases(phantom, split="training")
+
+
+def test_database_root_and_uncompressed_nii(phantom, tmp_path):
+    shutil.copytree(os.path.join(phantom, "training", "patient003"), tmp_path / "database" / "training" / "patient003")
+    folder = tmp_path / "database" / "training" / "patient003"
+    for path in list(folder.glob("*.nii.gz")):  # .nii.gz -> .nii
+        nib.save(nib.load(path), str(path)[:-3])
+        path.unlink()
+    for root in (tmp_path, tmp_path / "database", tmp_path / "database" / "training"):
+        (case,) = acdc.find_cases(str(root))
+        assert case.frames[0].image.endswith(".nii") and case.cine.endswith("_4d.nii")
+    dataset = acdc.LabelledSlices(str(tmp_path / "database"), "train")
+    assert len(dataset) == sum(nib.load(f.image).shape[2] for f in case.frames)
+    assert acdc.check_dataset(str(tmp_path)) == []
+
+
+# -----------------------------------------------------------------------------
+# reading volumes
+
+def test_spacing_and_affine_round_trip(tmp_path):
+    affine = np.array([[1.5, 0, 0, -10], [0, 1.5, 0, 20], [0, 0, 8, 3], [0, 0, 0, 1]])
+    data = np.arange(4 * 5 * 3, dtype=np.int16).reshape(4, 5, 3)
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "v.nii.gz")
+    volume = acdc.read_volume(str(tmp_path / "v.nii.gz"))
+    assert volume.data.dtype == np.float32 and np.array_equal(volume.data, data)
+    assert volume.spacing == (1.5, 1.5, 8.0) and np.allclose(volume.affine, affine)
+
+
+def test_phantom_files(phantom):
+    case = acdc.find_cases(phantom)[0]
+    image = nib.load(case.frames[0].image)
+    assert image.get_data_dtype() in (np.int16, np.float32)
+    assert nib.load(case.frames[0].label).get_data_dtype() == np.uint8
+    spacing = image.header.get_zooms()
+    assert np.allclose(np.diag(image.affine)[:3], spacing) and 1.2 <= spacing[0] <= 1.9 and 5 <= spacing[2] <= 10
+    cine = acdc.read_volume(case.cine, ndim=4).data
+    ed, es = (acdc.read_volume(f.image).data for f in case.frames)
+    assert np.array_equal(cine[..., case.ed - 1], ed) and np.array_equal(cine[..., case.es - 1], es)
+    ed_label, es_label = (acdc.read_label(f.label).data for f in case.frames)
+    assert set(np.unique(ed_label)) == {0, 1, 2, 3}
+    assert (es_label == 3).sum() < (ed_label == 3).sum()  # the LV contracts
+    lv, rv = (np.mean(ed[ed_label == k]) for k in (3, 1))
+    assert lv > 2 * np.mean(ed[ed_label == 2]) and rv > 2 * np.mean(ed[ed_label == 2])  # bright pools, dark muscle
+
+
+def test_phantom_is_deterministic(phantom, tmp_path):
+    acdc.write_phantom(str(tmp_path / "a"), patients=2, seed=0, **TINY)
+    acdc.write_phantom(str(tmp_path / "b"), patients=1, seed=1, **TINY)
+    for name in ("patient002_4d.nii.gz", "patient002_frame01_gt.nii.gz"):
+        a = nib.load(tmp_path / "a" / "training" / "patient002" / name).get_fdata()
+        assert np.array_equal(a, nib.load(os.path.join(phantom, "training", "patient002", name)).get_fdata())
+    a, b = (nib.load(tmp_path / d / "training" / "patient001" / "patient001_4d.nii.gz") for d in "ab")
+    assert a.shape != b.shape or not np.array_equal(a.get_fdata(), b.get_fdata())
+
+
+# -----------------------------------------------------------------------------
+# datasets, cache, collate
+
+def test_labelled_slices(phantom):
+    dataset = acdc.LabelledSlices(phantom, "train")
+    frames = [f for case in acdc.find_cases(phantom, split="train") for f in case.frames]
+    assert len(dataset) == sum(nib.load(f.image).shape[2] for f in frames)
+    item = dataset[len(dataset) - 1]
+    assert set(item) == {"image", "label", "patient", "frame", "phase", "slice"}
+    assert item["image"].dtype == torch.float32 and item["label"].dtype == torch.int64
+    f = frames[-1]
+    assert (item["patient"], item["frame"], item["phase"]) == (f.patient, f.frame, f.phase)
+    z = item["slice"]
+    assert np.array_equal(item["image"].numpy(), acdc.read_volume(f.image).data[:, :, z])
+    assert np.array_equal(item["label"].numpy(), acdc.read_label(f.label).data[:, :, z])
+    assert dataset.volumes[-1]["image"] == f.image
+    assert {dataset[i]["patient"] for i in range(len(dataset))} == {3, 4, 5}
+    assert {acdc.LabelledSlices(phantom, "test")[0]["patient"]} == {1}
+
+
+def test_unlabelled_slices(phantom):
+    dataset = acdc.UnlabelledSlices(phantom, "val")
+    cine = acdc.read_volume(acdc.find_cases(phantom, split="val")[0].cine, ndim=4).data  # (X, Y, Z, T)
+    assert len(dataset) == cine.shape[2] * cine.shape[3]
+    item = dataset[len(dataset) - 1]
+    assert set(item) == {"image", "patient", "frame", "slice"}
+    assert (item["patient"], item["frame"], item["slice"]) == (2, cine.shape[3], cine.shape[2] - 1)
+    assert np.array_equal(item["image"].numpy(), cine[:, :, -1, -1])
+
+
+def test_label_fraction(phantom):
+    dataset = acdc.LabelledSlices(phantom, "train")
+    a, b, c = (acdc.LabelFraction(dataset, 0.25, seed) for seed in (0, 0, 1))
+    assert len(a) == len(dataset)  # oversampled back to the full length
+    assert len(a.chosen) == round(0.25 * len(dataset)) and np.array_equal(a.chosen, b.chosen)
+    assert not np.array_equal(a.chosen, c.chosen)
+    seen = {(a[i]["patient"], a[i]["frame"], a[i]["slice"]) for i in range(len(a))}
+    assert len(seen) == len(a.chosen)
+    assert len(acdc.LabelFraction(dataset, 1e-6, 0).chosen) == 1
+
+
+def test_collate_pads_and_keeps_sizes():
+    items = [{"image": torch.ones(3, 5), "label": torch.full((3, 5), 2), "patient": 1},
+             {"image": torch.full((4, 2), 7.0), "label": torch.ones(4, 2, dtype=torch.int64), "patient": 2}]
+    batch = acdc.collate_slices(items)
+    assert batch["image"].shape == (2, 1, 4, 5) and batch["label"].shape == (2, 4, 5)
+    assert batch["size"].tolist() == [[3, 5], [4, 2]] and batch["patient"] == [1, 2]
+    assert batch["image"][0, 0, 3].sum() == 0 and batch["image"][1, 0, :, 2:].sum() == 0
+    assert batch["label"][0, :3].eq(2).all() and batch["label"][1, :, 2:].sum() == 0
+    assert "label" not in acdc.collate_slices([{"image": torch.ones(2, 2)}])
+
+
+def test_dataloader_workers(phantom):
+    dataset = acdc.LabelledSlices(phantom, "train")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=acdc.collate_slices)
+    batches = list(loader)
+    assert sum(len(b["patient"]) for b in batches) == len(dataset)
+    assert batches[0]["image"].shape[:2] == (4, 1)
+
+
+def test_cache_hit_and_invalidation(phantom, tmp_path, monkeypatch):
+    root, folder = one_patient(phantom, tmp_path)
+    first = acdc.LabelledSlices(root, "train")
+    cache = os.path.join(root, ".cache")
+    entries = sorted(os.listdir(cache))
+    assert len(entries) == 4 and all(e.endswith(".npy") for e in entries)
+
+    def no_decoding(*args, **kw):
+        raise AssertionError("decoded a cached volume")
+
+    monkeypatch.setattr(acdc, "read_volume", no_decoding)
+    second = acdc.LabelledSlices(root, "train")  # all hits
+    assert torch.equal(first[0]["image"], second[0]["image"])
+    monkeypatch.undo()
+
+    image = acdc.find_cases(root)[0].frames[0].image  # a changed source invalidates its entry
+    volume = nib.load(image)
+    nib.save(nib.Nifti1Image(np.asanyarray(volume.dataobj) + 1, volume.affine, volume.header), image)
+    third = acdc.LabelledSlices(root, "train")
+    assert torch.equal(third[0]["image"], first[0]["image"] + 1)
+    assert len(os.listdir(cache)) == 4  # the stale entry is gone
+
+
+def test_cache_falls_back_when_root_is_not_writable(tmp_path, monkeypatch):
+    (tmp_path / ".cache").write_text("")  # blocks <root>/.cache whoever runs the test (even root)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home"))
+    assert acdc.default_cache_dir(str(tmp_path)) == str(tmp_path / "home" / "acdc-slices")
+    assert acdc.default_cache_dir(str(tmp_path / "x")) == str(tmp_path / "x" / ".cache")
+
+
+def test_intensity_stats(phantom, tmp_path):
+    mean, std = acdc.intensity_stats(phantom, cache_dir=str(tmp_path))
+    x = np.concatenate([acdc.read_volume(f.image).data.ravel().astype(np.float64)
+                        for c in acdc.find_cases(phantom, split="train") for f in c.frames])
+    assert np.isclose(mean, x.mean()) and np.isclose(std, x.std())
+
+
+# -----------------------------------------------------------------------------
+# the check, and the same errors from the datasets
+
+def rewrite(path, change):
+    volume = nib.load(path)
+    nib.save(nib.Nifti1Image(change(np.asanyarray(volume.dataobj)), volume.affine), path)
+
+
+BREAKS = {  # name -> (break the copied patient folder, the file the problem must name, words in the message)
+    "missing gt": (lambda d: os.remove(f"{d}/patient003_frame01_gt.nii.gz"), "patient003_frame01_gt.nii.gz", "missing"),
+    "shape": (lambda d: rewrite(f"{d}/patient003_frame01_gt.nii.gz", lambda a: a[:-1]), "patient003_frame01_gt.nii.gz", "shape"),
+    "label values": (lambda d: rewrite(f"{d}/patient003_frame01_gt.nii.gz", lambda a: a + 3), "_frame01_gt.nii.gz", "outside 0..3"),
+    "not 3D": (lambda d: rewrite(f"{d}/patient003_frame01.nii.gz", lambda a: a[:, :, 0]), "patient003_frame01.nii.gz", "2D"),
+    "NaN": (lambda d: rewrite(f"{d}/patient003_frame01.nii.gz", lambda a: np.where(a > 100, np.nan, a).astype(np.float32)),
+            "patient003_frame01.nii.gz", "NaN"),
+    "truncated": (lambda d: truncate(f"{d}/patient003_frame01.nii.gz"), "patient003_frame01.nii.gz", "truncated"),
+    "no Info.cfg": (lambda d: os.remove(f"{d}/Info.cfg"), "Info.cfg", "missing"),
+    "no ED line": (lambda d: open(f"{d}/Info.cfg", "w").write("ES: 2\nGroup: NOR\n"), "Info.cfg", "ED"),
+    "ED without file": (lambda d: set_ed(d, 9), "patient003_frame09.nii.gz", "ED frame 9"),
+}
+
+
+def set_ed(folder, frame):
+    info = acdc.read_info(f"{folder}/Info.cfg")
+    open(f"{folder}/Info.cfg", "w").write(f"ED: {frame}\nES: {info['ES']}\n")
+
+
+def truncate(path):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) // 2])
+
+
+@pytest.mark.parametrize("name", list(BREAKS))
+def test_check_and_datasets_report_each_problem(phantom, tmp_path, name, capsys):
+    root, folder = one_patient(phantom, tmp_path)
+    breaks, culprit, words = BREAKS[name]
+    breaks(folder)
+    (problem,) = acdc.check_dataset(root)
+    assert os.path.join(folder, "") in problem and culprit in problem and words in problem
+    assert acdc.main(["check", root]) == 1
+    assert culprit in capsys.readouterr().out
+    with pytest.raises(acdc.DatasetError, match=culprit):
+        acdc.LabelledSlices(root, "train")
+
+
+def test_check_lists_every_problem_in_one_pass(phantom, tmp_path):
+    root, folder3 = one_patient(phantom, tmp_path, 3)
+    _, folder4 = one_patient(phantom, tmp_path, 4)
+    os.remove(f"{folder3}/Info.cfg")
+    rewrite(f"{folder4}/patient004_frame01.nii.gz", lambda a: a[..., None, None].repeat(2, 4))  # 5D
+    truncate(f"{folder4}/patient004_4d.nii.gz")
+    problems = acdc.check_dataset(root)
+    assert len(problems) == 3
+    assert "patient003/Info.cfg: missing" in problems[0] and "patient004_frame01.nii.gz: a 5D" in problems[1]
+    assert "patient004_4d.nii.gz: truncated or corrupt" in problems[2]
+    with pytest.raises(acdc.DatasetError, match="Info.cfg: missing"):
+        acdc.UnlabelledSlices(root, "train")
+
+
+@pytest.mark.parametrize("make", ["missing", "empty", "other"])
+def test_check_wrong_root(tmp_path, make):
+    root = tmp_path / "data"
+    if make != "missing":
+        root.mkdir()
+    if make == "other":
+        (root / "notes.txt").write_text("hello")
+    (problem,) = acdc.check_dataset(str(root))
+    assert str(root) in problem
+    assert acdc.main(["check", str(root)]) == 1
+    with pytest.raises(acdc.DatasetError, match=str(root)):
+        acdc.LabelledSlices(str(root))
+
+
+def test_check_clean_phantom_passes(phantom, capsys):
+    assert acdc.main(["check", phantom]) == 0
+    out = capsys.readouterr().out
+    assert "5 patients" in out and "no problems found" in out and "label voxels" in out
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision's PNG decoder, used here as the oracle
+def test_synth_command_and_montage(tmp_path):
+    assert acdc.main(["synth", str(tmp_path), "--patients", "2", "--seed", "3"]) == 0
+    assert len(acdc.find_cases(str(tmp_path))) == 2
+    montage = torchvision.io.decode_png(torchvision.io.read_file(str(tmp_path / "montage.png")))
+    assert montage.shape == (3, 2 * 160, 8 * 160)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_write_png_decodes(tmp_path):
+    image = torch.randint(0, 256, (3, 5, 7), dtype=torch.uint8)
+    acdc.write_png(str(tmp_path / "x.png"), image)
+    assert torch.equal(torchvision.io.decode_png(torchvision.io.read_file(str(tmp_path / "x.png"))), image)

@@ -1,0 +1,124 @@
+"""train_pretrain.py end to end on a tiny phantom: files, exact resume, torchrun on CPU, NaN stop."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import byol
+import train_pretrain
+from resnet import load_backbone, resnet18
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_args(data, out, *extra):
+    return ["--data", data, "--out", str(out), "--arch", "resnet18", "--size", "32", "--batch-size", "8",
+            "--epochs", "2", "--warmup-epochs", "1", "--workers", "0", "--log-every", "1", "--device", "cpu",
+            "--cache", os.path.join(data, "cache"), *extra]
+
+
+def run(data, out, *extra):
+    return train_pretrain.main(train_pretrain.parse_args(tiny_args(data, out, *extra)))
+
+
+def step_losses(out):
+    lines = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    return {r["step"]: r["loss"] for r in lines if "step" in r and "steps" not in r}
+
+
+def test_short_run_writes_every_file_and_the_backbone_loads(tiny_acdc, tmp_path):
+    out = tmp_path / "run"
+    run(tiny_acdc, out)
+    assert sorted(os.listdir(out)) == ["backbone.pth", "checkpoint.pt", "config.json", "log.jsonl"]
+    config = json.load(open(out / "config.json"))
+    assert config["args"]["arch"] == "resnet18" and config["world_size"] == 1
+    assert config["lr_scaled"] == pytest.approx(0.5 * 8 / 256)  # the paper's linear scaling rule
+    records = [json.loads(line) for line in open(out / "log.jsonl")]
+    epochs = [r for r in records if "steps" in r]
+    assert [r["epoch"] for r in epochs] == [0, 1]
+    steps = [r for r in records if "steps" not in r]
+    assert all(0 < r["proj_std"] < 1 and 0.99 <= r["tau"] <= 1 for r in steps)
+    # backbone.pth is the target backbone, in the paper's plain form, and loads through resnet.py
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["step"] == steps[-1]["step"]
+    state = load_backbone(str(out / "backbone.pth"))
+    model = resnet18(in_chans=1)
+    model.load_state_dict(state)
+    for k, v in state.items():
+        assert torch.equal(v, ckpt["model"]["target_backbone." + k])
+    assert not torch.equal(state["conv1.weight"], ckpt["model"]["backbone.conv1.weight"])  # target != online
+
+
+def test_resume_continues_exactly(tiny_acdc, tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    run(tiny_acdc, whole)
+    run(tiny_acdc, split, "--stop-after", "3")            # interrupted in the middle of epoch 0
+    assert max(step_losses(split)) == 3
+    run(tiny_acdc, split, "--resume", "auto")
+    assert step_losses(split) == step_losses(whole)       # every loss after resuming, bit for bit
+    a = torch.load(whole / "backbone.pth", weights_only=True)
+    b = torch.load(split / "backbone.pth", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_finished_run_is_not_overwritten(tiny_acdc, tmp_path):
+    run(tiny_acdc, tmp_path / "run", "--epochs", "1")
+    with pytest.raises(SystemExit, match="holds another run"):
+        run(tiny_acdc, tmp_path / "run", "--epochs", "1")
+
+
+def test_missing_data_root_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="--data"):
+        run(str(tmp_path / "nowhere"), tmp_path / "run")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_acdc, tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    real = byol.byol_loss
+
+    def poisoned(p, z):  # two calls a step: NaN from the second step of epoch 1 on
+        calls["n"] += 1
+        return real(p, z) * (float("nan") if calls["n"] > 2 * (steps_per_epoch + 1) else 1)
+    steps_per_epoch = len(byol_slices(tiny_acdc)) // 8
+    monkeypatch.setattr(byol, "byol_loss", poisoned)
+    with pytest.raises(SystemExit) as stop:
+        run(tiny_acdc, tmp_path / "run")
+    assert stop.value.code == 1
+    assert f"non-finite loss at epoch 1, step {steps_per_epoch + 1}" in capsys.readouterr().err
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 1  # from epoch 0's end
+
+
+def byol_slices(data):
+    import acdc
+    return acdc.UnlabelledSlices(data, split="train", cache_dir=os.path.join(data, "cache"))
+
+
+WRAPPER = """
+import os, sys, torch
+sys.path.insert(0, {root!r})
+import train_pretrain
+net = train_pretrain.main(train_pretrain.parse_args(sys.argv[1:]))
+torch.save({{k: v for k, v in net.named_parameters()}}, os.path.join({out!r}, "params_rank%s.pt" % os.environ["RANK"]))
+"""
+
+
+def test_torchrun_two_processes_on_cpu(tiny_acdc, tmp_path):
+    out = tmp_path / "ddp"
+    out.mkdir()
+    script = tmp_path / "wrapper.py"
+    script.write_text(WRAPPER.format(root=ROOT, out=str(tmp_path)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script),
+           *tiny_args(tiny_acdc, out, "--epochs", "1")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = torch.load(tmp_path / "params_rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "params_rank1.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)   # online and target alike
+    config = json.load(open(out / "config.json"))
+    assert config["world_size"] == 2
+    epochs = [json.loads(line) for line in open(out / "log.jsonl") if '"steps"' in line]
+    assert len(epochs) == 1                                # rank 0 alone writes
+    assert sorted(os.listdir(out)) == ["backbone.pth", "checkpoint.pt", "config.json", "log.jsonl"]

@@ -1,0 +1,123 @@
+"""train_segment.py: the losses by hand, and a tiny fine-tuning run that saves, resumes exactly,
+starts from a pretrained backbone and subsamples labels."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import acdc
+import train_segment
+from resnet import resnet18
+
+
+def tiny_args(data, out, *extra):
+    return ["--data", data, "--out", str(out), "--arch", "resnet18", "--size", "32", "--batch-size", "8",
+            "--epochs", "2", "--warmup-epochs", "1", "--workers", "0", "--log-every", "1", "--device", "cpu",
+            "--cache", os.path.join(data, "cache"), "--val-batch-size", "4", *extra]
+
+
+def run(data, out, *extra):
+    return train_segment.main(train_segment.parse_args(tiny_args(data, out, *extra)))
+
+
+def records(out):
+    return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+
+
+# -----------------------------------------------------------------------------
+# losses
+
+def uniform_case():
+    """4 classes, equal logits (probabilities 1/4), two pixels labelled background and LV"""
+    return torch.zeros(1, 4, 1, 2, requires_grad=True), torch.tensor([[[0, 3]]])
+
+
+def test_jaccard_loss_by_hand():
+    logits, labels = uniform_case()
+    # background and LV: I = 1/4, |A| + |B| = 2/4 + 1 -> U = 5/4, score 1/5, loss 4/5;
+    # RV and MYO are absent from the labels: loss 0; mean over the 4 classes
+    loss = train_segment.jaccard_loss(logits, labels)
+    assert loss.item() == pytest.approx((0.8 + 0.8) / 4)
+    loss.backward()
+    # raising the logit of a pixel's true class lowers the loss
+    assert logits.grad[0, 0, 0, 0] < 0 and logits.grad[0, 3, 0, 1] < 0
+    assert logits.grad[0, 3, 0, 0] > 0 and logits.grad[0, 0, 0, 1] > 0
+
+
+def test_dice_loss_by_hand():
+    logits, labels = uniform_case()
+    # Dice = 2 I / (|A| + |B|) = (1/2) / (3/2) = 1/3 for background and LV
+    assert train_segment.dice_loss(logits, labels).item() == pytest.approx((2 / 3 + 2 / 3) / 4)
+
+
+def test_perfect_prediction_has_zero_loss():
+    labels = torch.tensor([[[0, 1], [2, 3]]])
+    logits = 50 * torch.nn.functional.one_hot(labels, 4).permute(0, 3, 1, 2).float()
+    for name, loss in train_segment.LOSSES.items():
+        assert loss(logits, labels).item() == pytest.approx(0, abs=1e-5), name
+
+
+# -----------------------------------------------------------------------------
+# the script
+
+def test_short_run_writes_best_and_log(tiny_acdc, tmp_path):
+    out = tmp_path / "run"
+    run(tiny_acdc, out)
+    assert {"best.pt", "checkpoint.pt", "config.json", "log.jsonl"} <= set(os.listdir(out))
+    epochs = [r for r in records(out) if "val_iou" in r]
+    assert [r["epoch"] for r in epochs] == [0, 1]
+    assert all(0 <= r["val_iou_LV"] <= 1 for r in epochs)
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["kind"] == "segmentation" and best["arch"] == "resnet18"
+    assert best["val"]["val_iou"] == max(r["val_iou"] for r in epochs)
+
+
+def test_resume_after_a_signal_continues_exactly(tiny_acdc, tmp_path, monkeypatch):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    run(tiny_acdc, whole)
+    real, calls = train_segment.LOSSES["jaccard"], {"n": 0}
+
+    def loss_then_signal(logits, labels):  # what a cluster does before it kills a job
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real(logits, labels)
+    monkeypatch.setitem(train_segment.LOSSES, "jaccard", loss_then_signal)
+    run(tiny_acdc, split)
+    assert max(r["step"] for r in records(split) if "step" in r) == 3  # finished its step, then stopped
+    monkeypatch.setitem(train_segment.LOSSES, "jaccard", real)
+    run(tiny_acdc, split, "--resume", "auto")
+    losses = lambda out: {r["step"]: r["loss"] for r in records(out) if "step" in r and "steps" not in r}
+    assert losses(split) == losses(whole)
+    val = lambda out: [r["val_iou"] for r in records(out) if "val_iou" in r]
+    assert val(split) == val(whole)
+
+
+def test_weights_from_a_backbone_file_initialise_the_encoder(tiny_acdc, tmp_path):
+    backbone = resnet18(in_chans=1).state_dict()
+    torch.save(backbone, tmp_path / "backbone.pth")
+    net = run(tiny_acdc, tmp_path / "run", "--weights", str(tmp_path / "backbone.pth"), "--epochs", "1",
+              "--freeze-encoder-epochs", "1")
+    # frozen for the one epoch: the weights are the file's (BatchNorm statistics still follow the data)
+    for k, v in backbone.items():
+        if "running" not in k and "num_batches" not in k:
+            assert torch.equal(net.encoder.state_dict()[k], v), k
+    config = json.load(open(tmp_path / "run" / "config.json"))
+    assert "the encoder from" in config["weights"]
+
+
+def test_label_fraction_keeps_the_epoch_length(tiny_acdc, tmp_path):
+    run(tiny_acdc, tmp_path / "run", "--label-fraction", "0.25", "--epochs", "1")
+    config = json.load(open(tmp_path / "run" / "config.json"))
+    full = acdc.LabelledSlices(tiny_acdc, "train", cache_dir=os.path.join(tiny_acdc, "cache"))
+    assert config["train_slices"] == len(full)
+    subset = acdc.LabelFraction(full, 0.25, seed=0)
+    assert len(set(subset.chosen.tolist())) == round(0.25 * len(full))
+    assert {int(subset.chosen[i % len(subset.chosen)]) for i in range(len(subset))} == set(subset.chosen.tolist())
+
+
+def test_bad_label_fraction_is_a_clear_error(tiny_acdc, tmp_path):
+    with pytest.raises(SystemExit, match="--label-fraction"):
+        run(tiny_acdc, tmp_path / "run", "--label-fraction", "1.5")
