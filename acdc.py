@@ -14,6 +14,7 @@ import argparse
 import glob
 import hashlib
 import os
+import pathlib
 import struct
 import sys
 import tempfile
@@ -145,6 +146,19 @@ def read_label(path):
 # datasets: raw 2D slices at their own size (augmentation runs batched on the training device), from
 # a cache of decoded volumes: one .npy a volume, memory-mapped, keyed by the source's path, size and mtime
 
+def write_atomic(path, write):
+    """write(temporary path), then rename: a crash never leaves half a file under the final name.
+    The temporary name keeps the extension (nibabel and numpy pick the format from it)."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".tmp{os.getpid()}.{name}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def default_cache_dir(root):
     """<root>/.cache where it can be written, else ~/.cache/acdc-slices (a read-only dataset)"""
     folder = os.path.join(root, ".cache")
@@ -172,10 +186,7 @@ def cached(path, kind, cache_dir):
     for old in set(glob.glob(os.path.join(cache_dir, glob.escape(base) + "-*.npy"))) - {out}:
         with suppress(FileNotFoundError):  # an earlier version's entry, unless another rank removed it first
             os.remove(old)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")  # atomic: write aside, then rename, so that
-    with os.fdopen(fd, "wb") as f:                            # a reader (another rank, a run after a crash)
-        np.save(f, data)                                      # never sees half a file
-    os.replace(tmp, out)
+    write_atomic(out, lambda tmp: np.save(tmp, data))  # another rank, or a run after a crash, never sees half a file
     return out
 
 
@@ -436,7 +447,7 @@ def write_phantom(root, patients=20, seed=0, size_range=(150, 300), frames_range
         for stem, data in files.items():  # ([T,] Z, X, Y) -> the file's (X, Y, Z[, T]); the spacing on the diagonal
             image = nib.Nifti1Image(data.T.swapaxes(0, 1), np.diag([*spacing, 1.0]))
             image.header.set_xyzt_units("mm", "sec")
-            nib.save(image, os.path.join(folder, f"{name}_{stem}.nii.gz"))
+            write_atomic(os.path.join(folder, f"{name}_{stem}.nii.gz"), lambda tmp: nib.save(image, tmp))
 
 
 def write_png(path, image):
@@ -444,9 +455,9 @@ def write_png(path, image):
     h, w = image.shape[1:]
     rows = torch.cat([torch.zeros(h, 1, dtype=torch.uint8), image.permute(1, 2, 0).reshape(h, 3 * w)], 1)  # filter 0
     chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">2I5B", w, h, 8, 2, 0, 0, 0))
-                + chunk(b"IDAT", zlib.compress(rows.numpy().tobytes())) + chunk(b"IEND", b""))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">2I5B", w, h, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(rows.numpy().tobytes())) + chunk(b"IEND", b""))
+    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_bytes(png))
 
 
 def write_montage(root, path, patients=3, tile=160):

@@ -96,7 +96,7 @@ class Stopwatch:
 def build(args, env, dataset_kind):
     """-> (inputs(batch on device, generator): the script's augmentation, step(inputs): its training step, amp)"""
     autocast, scaler, amp = training.autocast(env.device, args.amp)
-    run = SimpleNamespace(args=SimpleNamespace(size=args.size), env=env, mean=acdc.MEAN, std=acdc.STD)
+    run = SimpleNamespace(args=SimpleNamespace(size=args.size, crop_scale=(0.08, 1.0)), env=env, mean=acdc.MEAN, std=acdc.STD)
     if dataset_kind == "pretrain":
         net = BYOL(ARCHS[args.arch](in_chans=1)).to(env.device)
         optimizer = LARS(lars_param_groups(net, 1e-5), lr=0.1)
@@ -104,8 +104,7 @@ def build(args, env, dataset_kind):
         net = UNet(in_chans=1, num_classes=4, arch=args.arch).to(env.device)
         fused = {"fused": True} if env.device.type == "cuda" else {"foreach": True}
         optimizer = torch.optim.Adam(net.parameters(), lr=1e-4, **fused)
-    if env.device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
+    net = net.to(memory_format=torch.channels_last)
     model = torch.compile(net) if args.compile else net
     model.train()
 
@@ -174,8 +173,7 @@ def bench_evaluate(args, env, data):
     cases = acdc.select(acdc.find_cases(data), "test")
     frames = [f for c in cases for f in c.frames]
     model = UNet(in_chans=1, num_classes=4, arch=args.arch).to(env.device).eval()
-    if env.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)
     model = torch.compile(model) if args.compile else model
     amp = evaluate.resolve_amp(env.device, args.amp)
     timer, count = Timer(env.device), 0

@@ -203,8 +203,7 @@ def predict_slices(model, images, norm=(acdc.MEAN, acdc.STD), autocast=contextli
     crop), then normalised (the paper padded the raw image first), logits cropped back"""
     x, size = unet.pad_to(images.float()[:, None], multiple=32, min_size=min_size)  # (B, 1, H', W')
     x = acdc.normalize(x, *norm)
-    if x.is_cuda:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
     with autocast():
         logits = model(x)  # (B, C, H', W')
     return unet.crop_to(logits, size).argmax(1)  # (B, H, W)
@@ -248,8 +247,7 @@ def load_model(path, device, trust=False):
     model = unet.UNet(**config)
     model.load_state_dict(state)
     model = model.to(device).eval()
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)
     return model, normalisation_of(ckpt)
 
 
@@ -260,7 +258,7 @@ def write_text(path, text):
     def write(tmp):
         with open(tmp, "w") as f:
             f.write(text)
-    training.write_atomic(path, write)
+    acdc.write_atomic(path, write)
 
 
 def write_nifti(path, labels, source):
@@ -268,7 +266,7 @@ def write_nifti(path, labels, source):
     img = nib.Nifti1Image(np.asarray(labels, dtype=np.uint8), source.affine, source.header.copy())
     img.set_data_dtype(np.uint8)
     img.header.set_slope_inter(1, 0)  # labels are stored as they are, never rescaled
-    training.write_atomic(path, lambda tmp: nib.save(img, tmp))
+    acdc.write_atomic(path, lambda tmp: nib.save(img, tmp))
 
 
 def overlay(gray, labels, alpha=0.45):

@@ -48,8 +48,7 @@ def make_views(batch, generator, run):
     with torch.no_grad():
         views = [augment(batch["image"], batch["size"], generator, run.mean, run.std, out_size=run.args.size)
                  for _ in range(2)]
-    if run.env.device.type == "cuda":
-        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+    views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     return views
 
 
@@ -154,8 +153,7 @@ def main(args):
     byol = BYOL(backbone).to(env.device)  # the target starts as a copy of the online network
     if env.world_size > 1 and env.device.type == "cuda":
         byol = torch.nn.SyncBatchNorm.convert_sync_batchnorm(byol)  # SyncBatchNorm has no CPU kernel: gloo runs keep per-rank BN
-    if env.device.type == "cuda":
-        byol = byol.to(memory_format=torch.channels_last)
+    byol = byol.to(memory_format=torch.channels_last)
     model = torch.compile(byol) if args.compile else byol
     if env.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(

@@ -42,6 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--start-lr", type=float, default=1e-6, help="learning rate at the start of the warmup (paper: 1e-6)")
     p.add_argument("--warmup-epochs", type=int, default=10, help="linear warmup epochs (paper: 10)")
     p.add_argument("--clip", type=float, default=5.0, help="gradient norm clipping (paper: 5)")
+    p.add_argument("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
+                   help="area range of the random resized crops (paper: 0.08 1.0); short runs learn faster "
+                        "from larger crops, which also match the whole-slice scale of validation better")
     p.add_argument("--freeze-encoder-epochs", type=int, default=0,
                    help="keep the encoder's weights fixed (learning rate 0) for the first N epochs")
     p.add_argument("--val-every", type=int, default=1, help="validate every N epochs (and at the end)")
@@ -87,9 +90,9 @@ def make_inputs(batch, generator, run):
     """image and mask cropped and flipped together on the device: (B, 1, H, W) -> (B, 1, size, size)"""
     with torch.no_grad():
         images, labels = augment(batch["image"], batch["size"], generator, run.mean, run.std,
-                                 out_size=run.args.size, jitter_p=0.2, labels=batch["label"])  # paper: jitter p=0.2
-    if run.env.device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
+                                 out_size=run.args.size, scale=tuple(run.args.crop_scale), jitter_p=0.2,  # paper: jitter p=0.2
+                                 labels=batch["label"])
+    images = images.contiguous(memory_format=torch.channels_last)
     return images, labels
 
 
@@ -225,8 +228,7 @@ def main(args):
     model = model.to(env.device)
     if env.world_size > 1 and env.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if env.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)
     net = model  # the plain module: checkpoints and validation use it
     model = torch.compile(model) if args.compile else model
     if env.world_size > 1:

@@ -222,28 +222,15 @@ def prepare_run(out, resume, overwrite):
     return None
 
 
-def write_atomic(path, write):
-    """write(temporary path), then rename: a crash never leaves half a file under the final name.
-    The temporary name keeps the extension (nibabel picks the format from it)."""
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".tmp{os.getpid()}.{name}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_atomic(obj, path):
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+    acdc.write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def write_json(path, obj):
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2, default=str)
-    write_atomic(path, write)
+    acdc.write_atomic(path, write)
 
 
 def append_jsonl(path, record):
