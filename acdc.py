@@ -89,14 +89,14 @@ def find_cases(root, problems=None, split="all"):
     for patient, folder in patient_folders(root).items():
         if split != "all" and split_of(patient) != split:
             continue
-        name, cfg = os.path.basename(folder), os.path.join(folder, "Info.cfg")
+        base, cfg = os.path.join(folder, os.path.basename(folder)), os.path.join(folder, "Info.cfg")
         info = read_info(cfg) if os.path.isfile(cfg) else None
         if info is None or not all(isinstance(info.get(key), int) for key in ("ED", "ES")):
             found.append(f"{cfg}: " + ("missing" if info is None else "no `ED: <frame>` and `ES: <frame>` lines"))
             continue
         frames = []
         for phase in ("ED", "ES"):
-            stem = os.path.join(folder, f"{name}_frame{info[phase]:02d}")
+            stem = f"{base}_frame{info[phase]:02d}"
             image, label = _nifti(stem), _nifti(stem + "_gt")
             if not image:
                 found.append(f"{stem}.nii.gz: missing (the {phase} frame {info[phase]} of Info.cfg)")
@@ -104,7 +104,7 @@ def find_cases(root, problems=None, split="all"):
                 found.append(f"{stem}_gt.nii.gz: missing (the labels of the {phase} frame)")
             else:
                 frames.append(Frame(patient, info[phase], phase, image, label))
-        cases.append(Case(patient, folder, info, info["ED"], info["ES"], frames, _nifti(os.path.join(folder, f"{name}_4d"))))
+        cases.append(Case(patient, folder, info, info["ED"], info["ES"], frames, _nifti(base + "_4d")))
     if problems is None and found:
         raise DatasetError(found[0] + (f" (and {len(found) - 1} more: python acdc.py check {root})" if found[1:] else ""))
     return cases if found else select(cases, split, root)
@@ -212,8 +212,7 @@ class LabelledSlices(_Slices):
 
     def __init__(self, root, split="train", cache_dir=None):
         frames = [f for case in find_cases(root, split=split) for f in case.frames]
-        cache_dir, self._maps = cache_dir or default_cache_dir(root), {}
-        self.volumes, index = [], []
+        cache_dir, self._maps, self.volumes, index = cache_dir or default_cache_dir(root), {}, [], []
         for f in tqdm(frames, desc=f"labelled frames ({split})", disable=None, leave=False):
             image, label = cached(f.image, "image", cache_dir), cached(f.label, "label", cache_dir)
             shape, label_shape = np.load(image, mmap_mode="r").shape, np.load(label, mmap_mode="r").shape
@@ -274,15 +273,12 @@ def collate_slices(items):
     "size" (B, 2) keeps each true (h, w) so the augmentation can crop inside the real image"""
     sizes = torch.tensor([item["image"].shape for item in items], dtype=torch.int64)
     h, w = sizes.max(0).values.tolist()
-    batch = {"image": torch.zeros(len(items), 1, h, w), "size": sizes}
+    stack = lambda key, dtype: torch.stack([F.pad(item[key].to(dtype), (0, w - iw, 0, h - ih))  # padding is background
+                                            for item, (ih, iw) in zip(items, sizes.tolist())])
+    batch = {"image": stack("image", torch.float32)[:, None], "size": sizes}  # (B, 1, h, w)
     if "label" in items[0]:
-        batch["label"] = torch.zeros(len(items), h, w, dtype=torch.int64)  # padding is background
-    for b, (item, (ih, iw)) in enumerate(zip(items, sizes.tolist())):
-        batch["image"][b, 0, :ih, :iw] = item["image"]
-        if "label" in batch:
-            batch["label"][b, :ih, :iw] = item["label"]
-    batch.update({key: [item[key] for item in items] for key in items[0] if key not in batch})
-    return batch
+        batch["label"] = stack("label", torch.int64)  # (B, h, w)
+    return {**batch, **{key: [item[key] for item in items] for key in items[0] if key not in batch}}
 
 
 def intensity_stats(root, cache_dir=None):
@@ -299,17 +295,15 @@ def intensity_stats(root, cache_dir=None):
 def check_dataset(root, log=None):
     """-> [problem], one line each, naming the file; log (e.g. print) receives a summary"""
     problems, log = [], log or (lambda line: None)
-    try:
-        cases = find_cases(root, problems)
-    except DatasetError as e:
-        return [str(e)]
 
-    def attempt(read, path, **kw):  # note the problem and go on
+    def attempt(read, *args, **kw):  # note the problem and go on
         try:
-            return read(path, **kw)
+            return read(*args, **kw)
         except DatasetError as e:
             problems.append(str(e))
 
+    if (cases := attempt(find_cases, root, problems)) is None:  # no dataset there at all
+        return problems
     images, voxels, cines = [], np.zeros(4, np.int64), []  # images: (X, Y, Z, spacing x, y, z)
     for case in tqdm(cases, desc="reading every voxel", unit="patient", disable=None):
         for f in case.frames:
@@ -467,10 +461,10 @@ def write_montage(root, path, patients=3, tile=160):
     for case in find_cases(root)[:patients]:
         tiles = []
         for f in case.frames:
-            image, label = read_volume(f.image), read_label(f.label)
-            Z = image.data.shape[2]
+            image, label = (torch.from_numpy(volume.data) for volume in (read_volume(f.image), read_label(f.label)))
+            Z = image.shape[2]
             for z in ((0, Z // 2, Z - 2) if f.phase == "ED" else (Z // 2,)):
-                x, lab = torch.from_numpy(image.data[:, :, z].copy()), torch.from_numpy(label.data[:, :, z].astype(np.int64))
+                x, lab = image[:, :, z], label[:, :, z].long()
                 gray = (x / x.flatten().quantile(0.995).clamp(min=1e-6)).clamp(0, 1).expand(3, -1, -1) * 255
                 overlay = torch.where(lab > 0, 0.55 * gray + 0.45 * colours[lab].permute(2, 0, 1), gray)
                 side = max(x.shape)  # padded to a square, then tile x tile

@@ -334,6 +334,7 @@ def table(m):
             cells = [f"{v[k]['mean']:.3f} +- {v[k]['std']:.3f}" for k in ("dice", "hd", "hd95")]
             missing = f"  (HD missing for {v['hd']['missing']})" if v["hd"]["missing"] else ""
             lines.append(f"  {phase:<6}{s:<10}{cells[0]:>18}{cells[1]:>18}{cells[2]:>18}{missing}")
+    lines.append(f"  mean Dice of the three structures over ED and ES: {m['mean_dice_structures']:.4f}")
     lines += [f"clinical indices, prediction vs truth over {m['cases']} patients:",
               f"  {'index':<12}{'corr':>8}{'bias':>10}{'std':>10}"]
     lines += [f"  {k:<12}{v['corr']:>8.3f}{v['bias']:>10.2f}{v['std']:>10.2f}" for k, v in m["clinical"].items()]
@@ -401,7 +402,9 @@ def score_volume(pred, truth, spacing):
 def summarize(rows, ious, clinical):
     """the paper's 2D protocol over slices, the challenge's 3D one over patients, clinical indices"""
     per_phase = lambda phase, key: [r[key] for r in rows if r["phase"] == phase]
+    dice_all = [r[f"dice_{s}"] for r in rows for s in STRUCTURES.values()]
     return {"paper_slice_iou": paper_iou_summary(torch.cat(ious)),
+            "mean_dice_structures": sum(dice_all) / len(dice_all),  # RV, MYO, LV over every volume
             "challenge": {phase: {s: {m: mean_std(per_phase(phase, f"{m}_{s}")) for m in ("dice", "hd", "hd95")}
                                   for s in STRUCTURES.values()} for phase in ("ED", "ES")},
             "clinical": {k: agreement([p[k] for p, _ in clinical], [t[k] for _, t in clinical])

@@ -254,6 +254,8 @@ def test_main_end_to_end(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 4 and {(r["patient"], r["phase"]) for r in rows} == {("1", "ED"), ("1", "ES"), ("11", "ED"), ("11", "ES")}
     assert {"dice_LV", "hd_RV", "hd95_MYO", "vol_pred_LV", "vol_true_LV"} <= set(rows[0])
+    dice_all = [float(r[f"dice_{s}"]) for r in rows for s in ("RV", "MYO", "LV")]
+    assert metrics["mean_dice_structures"] == pytest.approx(sum(dice_all) / 12, abs=1e-5)
 
     for case in acdc.find_cases(str(data))[:1]:
         for frame in case.frames:
