@@ -54,8 +54,7 @@ Frame = namedtuple("Frame", "patient frame phase image label")   # frames count 
 Volume = namedtuple("Volume", "data spacing affine header")      # spacing: mm per axis
 
 
-def read_info(path):
-    """Info.cfg: `key: value` lines; numbers become int or float, unknown keys are kept"""
+def read_info(path):  # Info.cfg: `key: value` lines; numbers become int or float, unknown keys are kept
     with open(path, errors="replace") as f:
         info = {key.strip(): value.strip() for key, sep, value in (line.partition(":") for line in f) if sep}
     for key, value in info.items():
@@ -68,8 +67,8 @@ def _nifti(stem):  # stem.nii.gz or stem.nii (both occur), or None
     return next((stem + ext for ext in (".nii.gz", ".nii") if os.path.isfile(stem + ext)), None)
 
 
-def patient_folders(root):
-    """{patient id: folder} under root, root/training, root/testing or root/database/..."""
+def patient_folders(root, split="all"):
+    """{patient id: folder} of a split (see select) under root, root/training, root/testing or root/database/..."""
     if not os.path.isdir(root):
         raise DatasetError(f"{root}: no such folder")
     found = {}
@@ -79,16 +78,14 @@ def patient_folders(root):
                 found.setdefault(int(os.path.basename(path)[7:]), path)
     if not found:
         raise DatasetError(f"{root}: no patientNNN folders here nor in training/, testing/, database/: not the ACDC root?")
-    return dict(sorted(found.items()))
+    return {patient: path for patient, path in sorted(found.items()) if split == "all" or split_of(patient) == split}
 
 
 def find_cases(root, problems=None, split="all"):
     """-> [Case] of a split ("all", or see split_of), leaving out what is broken. Each problem goes to
     the list `problems` if given (the check lists them all in one pass), else raises DatasetError."""
     cases, found = [], [] if problems is None else problems
-    for patient, folder in patient_folders(root).items():
-        if split != "all" and split_of(patient) != split:
-            continue
+    for patient, folder in patient_folders(root, split).items():
         base, cfg = os.path.join(folder, os.path.basename(folder)), os.path.join(folder, "Info.cfg")
         info = read_info(cfg) if os.path.isfile(cfg) else None
         if info is None or not all(isinstance(info.get(key), int) for key in ("ED", "ES")):
@@ -133,8 +130,7 @@ def read_volume(path, dtype=np.float32, ndim=3):
     return Volume(data if dtype is None else data.astype(dtype, copy=False), spacing, img.affine, img.header)
 
 
-def read_label(path):
-    """a label volume as uint8, its values checked first: a cast would hide a 256 or a 1.5"""
+def read_label(path):  # a label volume as uint8, its values checked first: a cast would hide a 256 or a 1.5
     volume = read_volume(path, dtype=None)
     bad = (volume.data < 0) | (volume.data > 3) | (volume.data != np.round(volume.data))
     if bad.any():
@@ -147,10 +143,9 @@ def read_label(path):
 # a cache of decoded volumes: one .npy a volume, memory-mapped, keyed by the source's path, size and mtime
 
 def write_atomic(path, write):
-    """write(temporary path), then rename: a crash never leaves half a file under the final name.
-    The temporary name keeps the extension (nibabel and numpy pick the format from it)."""
+    """write(temporary path), then rename: a crash never leaves half a file under the final name"""
     folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".tmp{os.getpid()}.{name}")
+    tmp = os.path.join(folder, f".tmp{os.getpid()}.{name}")  # keeps the extension: nibabel and numpy go by it
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -159,15 +154,13 @@ def write_atomic(path, write):
             os.remove(tmp)
 
 
-def default_cache_dir(root):
-    """<root>/.cache where it can be written, else ~/.cache/acdc-slices (a read-only dataset)"""
+def default_cache_dir(root):  # <root>/.cache where it can be written, else ~/.cache/acdc-slices (a read-only dataset)
     folder = os.path.join(root, ".cache")
-    try:
+    with suppress(OSError):
         os.makedirs(folder, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
         return folder
-    except OSError:
-        return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "acdc-slices")
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "acdc-slices")
 
 
 def cached(path, kind, cache_dir):
@@ -253,19 +246,14 @@ class UnlabelledSlices(_Slices):
                 "patient": vol["patient"], "frame": int(t) + 1, "slice": int(z)}
 
 
-class LabelFraction(torch.utils.data.Dataset):
+class LabelFraction(torch.utils.data.Subset):
     """a seeded random fraction of a dataset's slices, repeated back to the full length as the paper
     did, so that an epoch is the same number of steps whatever the fraction"""
 
     def __init__(self, dataset, fraction, seed=0):
-        self.dataset, n = dataset, len(dataset)
+        n = len(dataset)
         self.chosen = np.sort(np.random.default_rng(seed).permutation(n)[:max(1, round(fraction * n))])
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        return self.dataset[int(self.chosen[i % len(self.chosen)])]
+        super().__init__(dataset, self.chosen[np.arange(n) % len(self.chosen)].tolist())  # item i: chosen[i % k]
 
 
 def collate_slices(items):
@@ -338,8 +326,7 @@ GROUPS = {"NOR": (1, 1, 1, 1), "MINF": (1.1, 0.9, 0.55, 1), "DCM": (1.3, 0.8, 0.
           "RV": (1, 1, 0.9, 1.4)}
 
 
-def _texture(rng, shape, width):
-    """smooth random texture of unit std: white noise blurred by a Gaussian `width` pixels wide (by FFT)"""
+def _texture(rng, shape, width):  # smooth texture of unit std: white noise blurred by a Gaussian `width` pixels wide
     kx, ky = np.fft.fftfreq(shape[-2])[:, None], np.fft.rfftfreq(shape[-1])[None]
     blur = np.exp(-2 * (np.pi * width) ** 2 * (kx ** 2 + ky ** 2))
     field = np.fft.irfft2(np.fft.rfft2(rng.standard_normal(shape)) * blur, s=shape[-2:])

@@ -63,6 +63,7 @@ class Timer:
     def __enter__(self):
         self.sync()
         self.t0 = time.perf_counter()
+        return self
 
     def __exit__(self, *exc):
         self.sync()
@@ -97,15 +98,13 @@ def build(args, env, dataset_kind):
     """-> (inputs(batch on device, generator): the script's augmentation, step(inputs): its training step, amp)"""
     autocast, scaler, amp = training.autocast(env.device, args.amp)
     run = SimpleNamespace(args=SimpleNamespace(size=args.size, crop_scale=(0.08, 1.0)), env=env, mean=acdc.MEAN, std=acdc.STD)
+    # the scripts' models and optimizers, wrapped as they wrap them
     if dataset_kind == "pretrain":
-        net = BYOL(ARCHS[args.arch](in_chans=1)).to(env.device)
+        net, model = training.wrap(BYOL(ARCHS[args.arch](in_chans=1)), env, args.compile)
         optimizer = LARS(lars_param_groups(net, 1e-5), lr=0.1)
     else:
-        net = UNet(in_chans=1, num_classes=4, arch=args.arch).to(env.device)
-        fused = {"fused": True} if env.device.type == "cuda" else {"foreach": True}
-        optimizer = torch.optim.Adam(net.parameters(), lr=1e-4, **fused)
-    net = net.to(memory_format=torch.channels_last)
-    model = torch.compile(net) if args.compile else net
+        net, model = training.wrap(UNet(in_chans=1, num_classes=4, arch=args.arch), env, args.compile)
+        optimizer = train_segment.adam(net, 1e-4, env.device)
     model.train()
 
     def inputs(batch, generator):
@@ -122,49 +121,49 @@ def build(args, env, dataset_kind):
 
 def bench_training(args, env, data):
     dataset = (acdc.UnlabelledSlices if args.mode == "pretrain" else acdc.LabelledSlices)(data, split="train")
+    training.steps_per_epoch(dataset, args.batch_size, 1)  # exits with a message if one batch does not fit
     inputs, step, amp = build(args, env, args.mode)
     generator = torch.Generator(device=env.device).manual_seed(args.seed)
-    n = args.warmup + args.steps
+    loader = training.make_loader(dataset, args.batch_size, env, args.workers, args.seed)
 
-    def batches():  # as many batches as asked for, epoch after epoch
+    def batches():  # as many batches as asked for, epoch after epoch, as the training scripts draw them
         for epoch in itertools.count():
-            yield from training.make_loader(dataset, args.batch_size, env, args.workers, args.seed, epoch)
+            loader.sampler.set_epoch(epoch)
+            yield from loader
 
-    # (a) the ceiling: one fixed batch, augmented once, already on the device
-    fixed = inputs(training.to_device(next(batches()), env.device), generator)
-    ceiling = Timer(env.device)
-    for i in range(n):
-        if i == args.warmup:
-            ceiling.__enter__()
-        step(fixed)
-    ceiling.__exit__()
-
-    # (b) end to end: loader -> copy -> augmentation -> step; host time blocked on the loader and
-    # device time in augmentation are counted on the side, without extra synchronisation
-    total, wait, augmenting = Timer(env.device), 0.0, Stopwatch(env.device)
     it = batches()
-    for i in range(n):
-        if i == args.warmup:
-            total.__enter__()
-            wait, augmenting = 0.0, Stopwatch(env.device)
-        t0 = time.perf_counter()
-        batch = training.to_device(next(it), env.device)
-        wait += time.perf_counter() - t0
-        with augmenting():
-            x = inputs(batch, generator)
-        step(x)
-    total.__exit__()
+    # (a) the ceiling: one fixed batch, augmented once, already on the device
+    fixed = inputs(training.to_device(next(it), env.device), generator)
+    for _ in range(args.warmup):
+        step(fixed)
+    with Timer(env.device) as ceiling:
+        for _ in range(args.steps):
+            step(fixed)
+
+    # (b) end to end: loader -> copy -> augmentation -> step. On the side, without extra syncs: the
+    # host's time blocked on the loader, and the device's time in augmentation
+    for _ in range(args.warmup):
+        step(inputs(training.to_device(next(it), env.device), generator))
+    wait, augmenting = 0.0, Stopwatch(env.device)
+    with Timer(env.device) as total:
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            batch = training.to_device(next(it), env.device)
+            wait += time.perf_counter() - t0
+            with augmenting():
+                x = inputs(batch, generator)
+            step(x)
     images = args.steps * args.batch_size
     out = {"mode": args.mode, "arch": args.arch, "size": args.size, "batch_size": args.batch_size, "amp": amp,
-           "compile": args.compile, "device": evaluate_device_name(env.device), "steps": args.steps,
+           "compile": args.compile, "device": device_name(env.device), "steps": args.steps,
            "ceiling_images_per_s": images / ceiling.total, "end_to_end_images_per_s": images / total.total}
     out["ratio"] = out["end_to_end_images_per_s"] / out["ceiling_images_per_s"]
-    out["data_wait_share"] = wait / total.total
+    out["host_data_wait_share"] = wait / total.total
     out["augment_share"] = augmenting.seconds() / total.total
     return out
 
 
-def evaluate_device_name(device):
+def device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
@@ -172,22 +171,25 @@ def bench_evaluate(args, env, data):
     """volumes/s through the whole evaluation path: read, predict slice by slice, Dice and Hausdorff"""
     cases = acdc.select(acdc.find_cases(data), "test")
     frames = [f for c in cases for f in c.frames]
-    model = UNet(in_chans=1, num_classes=4, arch=args.arch).to(env.device).eval()
-    model = model.to(memory_format=torch.channels_last)
-    model = torch.compile(model) if args.compile else model
-    amp = evaluate.resolve_amp(env.device, args.amp)
-    timer, count = Timer(env.device), 0
-    for i, frame in enumerate(itertools.islice(itertools.cycle(frames), args.warmup + args.steps)):
-        if i == args.warmup:
-            timer.__enter__()
+    _, model = training.wrap(UNet(in_chans=1, num_classes=4, arch=args.arch), env, args.compile)
+    model.eval()
+    autocast, _, amp = training.autocast(env.device, args.amp)
+    frames = itertools.cycle(frames)
+
+    def one_volume():  # read, predict slice by slice, score: evaluate.py's path for one volume
+        frame = next(frames)
         image = acdc.read_volume(frame.image)
         truth = torch.as_tensor(acdc.read_label(frame.label).data, device=env.device)
-        pred = evaluate.predict_volume(model, image.data, env.device, amp, batch_size=args.batch_size)
+        pred = evaluate.predict_volume(model, image.data, env.device, autocast=autocast, batch_size=args.batch_size)
         evaluate.score_volume(pred, truth, image.spacing)
-        count += i >= args.warmup
-    timer.__exit__()
+    for _ in range(args.warmup):
+        one_volume()
+    with Timer(env.device) as timer:
+        for _ in range(args.steps):
+            one_volume()
+    count = args.steps
     return {"mode": "evaluate", "arch": args.arch, "batch_size": args.batch_size, "amp": amp, "compile": args.compile,
-            "device": evaluate_device_name(env.device), "volumes": count, "volumes_per_s": count / timer.total}
+            "device": device_name(env.device), "volumes": count, "volumes_per_s": count / timer.total}
 
 
 def main(args):
@@ -202,7 +204,7 @@ def main(args):
         if not os.path.isdir(data):
             print(f"{data} not found: writing a phantom to a temporary folder")
             data = os.path.join(tmp, "acdc")
-            acdc.write_phantom(data, patients=12, seed=args.seed)
+            acdc.write_phantom(data, patients=20, seed=args.seed)
         result = bench_evaluate(args, env, data) if args.mode == "evaluate" else bench_training(args, env, data)
     result["peak_memory_gb"] = (torch.cuda.max_memory_allocated(env.device) / 2**30
                                 if env.device.type == "cuda" else None)
@@ -216,7 +218,7 @@ def main(args):
         print(f"  ceiling (data on device) {result['ceiling_images_per_s']:10.1f} images/s")
         print(f"  end to end               {result['end_to_end_images_per_s']:10.1f} images/s")
         print(f"  ratio                    {result['ratio']:10.3f}")
-        print(f"  waiting for data         {100 * result['data_wait_share']:9.1f} % of the end-to-end time")
+        print(f"  host waiting for data    {100 * result['host_data_wait_share']:9.1f} % of the end-to-end time")
         print(f"  augmentation             {100 * result['augment_share']:9.1f} %")
     if result["peak_memory_gb"] is not None:
         print(f"  peak device memory       {result['peak_memory_gb']:10.2f} GB")

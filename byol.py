@@ -116,6 +116,7 @@ class LARS(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip_lr=clip_lr,
                         exclude_bias_n_norm=exclude_bias_n_norm, eps=eps, lars_exclude=False)
         super().__init__(params, defaults)
+        self._adapt = {}  # per group of tensors: which ones LARS adapts
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -130,11 +131,14 @@ class LARS(torch.optim.Optimizer):
             grads = [p.grad for p in params]
             lr, wd = group["lr"], group["weight_decay"]
             # one trust ratio per tensor, computed on the device for all tensors at once (no host syncs)
-            adapt = torch.tensor([not (group["lars_exclude"] or (group["exclude_bias_n_norm"] and p.ndim <= 1))
-                                  for p in params], device=params[0].device)
+            key = tuple(map(id, params))
+            if key not in self._adapt:  # built once: a tensor made from a list each step would wait for the GPU
+                self._adapt[key] = torch.tensor(
+                    [not (group["lars_exclude"] or (group["exclude_bias_n_norm"] and p.ndim <= 1)) for p in params],
+                    device=params[0].device)
             w_norm = torch.stack(torch._foreach_norm(params))              # (N,)
             g_norm = torch.stack(torch._foreach_norm(grads))               # (N,)
-            adapt &= (w_norm > 0) & (g_norm > 0)
+            adapt = self._adapt[key] & (w_norm > 0) & (g_norm > 0)
             q = group["eta"] * w_norm / (g_norm + wd * w_norm + group["eps"])
             if group["clip_lr"]:
                 q = torch.clamp(q / lr, max=1.0)

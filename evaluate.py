@@ -112,9 +112,13 @@ def confusion(pred, truth, num_classes):
     """(C, C) int64 counts, rows the true class, columns the predicted one; summable over batches
     and ranks (all-reduce) before IoU is computed"""
     truth, pred = truth.flatten().long(), pred.flatten().long()
-    keep = (truth >= 0) & (truth < num_classes)
-    counts = torch.bincount(num_classes * truth[keep] + pred[keep], minlength=num_classes ** 2)
-    return counts.reshape(num_classes, num_classes)
+    keep = (truth >= 0) & (truth < num_classes)  # e.g. -1: padding, not counted
+    # one bin per (truth, prediction) pair and a spare one for what is not counted; index_add_
+    # rather than bincount or boolean indexing, which would wait for the GPU to size their output
+    index = torch.where(keep, num_classes * truth + pred, num_classes ** 2)
+    counts = torch.zeros(num_classes ** 2 + 1, dtype=torch.long, device=truth.device)
+    counts.index_add_(0, index, torch.ones_like(index))
+    return counts[:-1].reshape(num_classes, num_classes)
 
 
 def class_iou(pred, truth, num_classes=4):

@@ -57,7 +57,9 @@ def train_step(model, byol, views, optimizer, scaler, autocast, tau):
     with autocast():
         loss, z1 = model(*views)
     scaler.scale(loss).backward()
-    scaler.step(optimizer)  # no clipping: the paper's LARS had none
+    # no clipping: the paper's LARS had none. (In fp16 the scaler reads its inf check on the host
+    # each step for any optimizer without a fused kernel, LARS included; bf16 needs no scaler.)
+    scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     byol.update_target(tau)  # after the optimizer step, as in the paper
@@ -84,60 +86,40 @@ def train_one_epoch(model, byol, loader, optimizer, scaler, autocast, generator,
         run.step += 1
         seen += views[0].shape[0] * env.world_size
 
-        if run.step % args.log_every == 0 or steps == len(loader):
-            message, stop = health.check(scaler, run.stop.requested, epoch)
-            if message:
-                raise FloatingPointError(message)
+        stop_after = args.stop_after and run.step - run.start_step >= args.stop_after
+        if run.step % args.log_every == 0 or steps == len(loader) or stop_after:
+            loss_now, stop = health.check(loss, scaler, run.stop.requested or stop_after, epoch)
             # collapse watch: the spread of the normalised projections across the batch
-            spread = F.normalize(z1.float(), dim=1).std(dim=0).mean()
-            spread = training.all_reduce(spread) / env.world_size
+            spread = training.all_reduce(F.normalize(z1.float(), dim=1).std(dim=0).mean()).item() / env.world_size
             speed = seen / (time.perf_counter() - t0)
-            record = {"epoch": epoch, "step": run.step, "loss": loss.item(), "lr": lr, "tau": tau,
-                      "proj_std": spread.item(), "images_per_s": speed}
+            record = {"epoch": epoch, "step": run.step, "loss": loss_now, "lr": lr, "tau": tau,
+                      "proj_std": spread, "images_per_s": speed}
             if env.main:
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.3g}", tau=f"{tau:.4f}", img_s=f"{speed:.0f}")
+                bar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{lr:.3g}", tau=f"{tau:.4f}", img_s=f"{speed:.0f}")
                 training.append_jsonl(run.log, record)
-                if record["proj_std"] < args.collapse_threshold:
-                    tqdm.write(f"warning: projections collapsing (std {record['proj_std']:.4f} < "
-                               f"{args.collapse_threshold}) at epoch {epoch}, step {run.step}")
+                if spread < args.collapse_threshold:
+                    tqdm.write(f"warning: projections collapsing (std {spread:.4f} < {args.collapse_threshold}) "
+                               f"at epoch {epoch}, step {run.step}")
             if stop:
                 run.stopped = True
                 break
-        if args.stop_after and run.step - run.start_step >= args.stop_after:
-            run.stopped = True
-            break
     bar.close()
-    loss_mean = training.all_reduce(loss_sum) / max(1, steps) / env.world_size
-    return {"epoch": epoch, "loss": loss_mean.item(), "steps": steps,
-            "images_per_s": seen / (time.perf_counter() - t0), "time_s": time.perf_counter() - t0}
+    return training.epoch_stats(epoch, loss_sum, steps, seen, t0)
 
 
 def save(run, byol, optimizer, scaler, generator, epoch):
-    """checkpoint.pt for resuming exactly, and backbone.pth in the paper's form (the target backbone)"""
+    """checkpoint.pt for resuming exactly, and backbone.pth in the paper's form (the target backbone);
+    every rank calls it (the ranks' random states are gathered), rank 0 writes"""
     training.save_checkpoint(os.path.join(run.args.out, "checkpoint.pt"), "byol", byol, optimizer, scaler,
                              generator, epoch, run.step, config=run.config, arch=run.args.arch, in_chans=1,
                              mean=run.mean, std=run.std)
-    training.save_atomic(byol.target_backbone.state_dict(), os.path.join(run.args.out, "backbone.pth"))
-
-
-class Run:
-    """the state the loop carries: arguments, environment, schedule numbers, step counters"""
-
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
+    if run.env.main:
+        training.save_atomic(byol.target_backbone.state_dict(), os.path.join(run.args.out, "backbone.pth"))
 
 
 def main(args):
     # -------------------------------------------------------------------- distributed and AMP set-up
-    args.out = args.out or "runs/pretrain"
-    try:
-        acdc.find_cases(args.data)  # a missing or empty root fails here, before any process group
-    except acdc.DatasetError as e:
-        sys.exit(f"--data: {e}")
-    resume = training.prepare_run(args.out, args.resume, args.overwrite)
-    env = training.setup(args.device)
-    autocast, scaler, amp = training.autocast(env.device, args.amp)
-    torch.manual_seed(args.seed)
+    env, resume, autocast, scaler, amp = training.start(args, default_out="runs/pretrain")
 
     # -------------------------------------------------------------------- data
     splits = {"train": ["train"], "train+val": ["train", "val"], "all": ["train", "val", "test"]}[args.split]
@@ -149,23 +131,16 @@ def main(args):
     # -------------------------------------------------------------------- model
     backbone = ARCHS[args.arch](in_chans=1)
     if args.init != "none":
-        backbone.load_state_dict(load_backbone(args.init, in_chans=1, trust=args.trust_checkpoint))
-    byol = BYOL(backbone).to(env.device)  # the target starts as a copy of the online network
-    if env.world_size > 1 and env.device.type == "cuda":
-        byol = torch.nn.SyncBatchNorm.convert_sync_batchnorm(byol)  # SyncBatchNorm has no CPU kernel: gloo runs keep per-rank BN
-    byol = byol.to(memory_format=torch.channels_last)
-    model = torch.compile(byol) if args.compile else byol
-    if env.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        backbone.load_state_dict(load_backbone(args.init, in_chans=1, trust=args.trust_checkpoint, arch=args.arch))
+    byol, model = training.wrap(BYOL(backbone), env, args.compile)  # the target starts as a copy of the online net
 
     # -------------------------------------------------------------------- optimizer and schedule
     global_batch = args.batch_size * env.world_size
     lr = args.lr * global_batch / 256  # the paper's linear scaling rule
     optimizer = LARS(lars_param_groups(byol, args.weight_decay), lr=lr)
-    run = Run(args=args, env=env, lr=lr, step=0, total_steps=args.epochs * steps_per_epoch,
-              warmup_steps=args.warmup_epochs * steps_per_epoch, mean=acdc.MEAN, std=acdc.STD,
-              log=os.path.join(args.out, "log.jsonl"), stop=training.StopSignal(), stopped=False)
+    run = training.Run(args=args, env=env, lr=lr, step=0, total_steps=args.epochs * steps_per_epoch,
+                       warmup_steps=args.warmup_epochs * steps_per_epoch, mean=acdc.MEAN, std=acdc.STD,
+                       log=os.path.join(args.out, "log.jsonl"), stop=training.StopSignal(), stopped=False)
     run.config = training.run_config(args, env, amp=amp, global_batch=global_batch, lr_scaled=lr,
                                       slices=len(dataset), steps_per_epoch=steps_per_epoch,
                                       total_steps=run.total_steps, mean=run.mean, std=run.std)
@@ -174,7 +149,7 @@ def main(args):
     # -------------------------------------------------------------------- resume
     start_epoch = 0
     if resume:
-        start_epoch, run.step = training.resume(resume, "byol", byol, optimizer, scaler, generator,
+        start_epoch, run.step = training.resume(resume, "byol", byol, optimizer, scaler, generator, run.config,
                                                 trust=args.trust_checkpoint)
         if env.main:
             print(f"resumed from {resume}: epoch {start_epoch}, step {run.step}")
@@ -188,9 +163,10 @@ def main(args):
 
     # -------------------------------------------------------------------- loop
     health = training.Health(env.device)
+    loader = training.make_loader(dataset, args.batch_size, env, args.workers, args.seed)
     for epoch in range(start_epoch, args.epochs):
-        skip = run.step - epoch * steps_per_epoch  # batches this epoch already did before an interruption
-        loader = training.make_loader(dataset, args.batch_size, env, args.workers, args.seed, epoch, skip)
+        # the batches this epoch already did before an interruption are skipped
+        loader.sampler.set_epoch(epoch, skip=(run.step - epoch * steps_per_epoch) * args.batch_size)
         try:
             stats = train_one_epoch(model, byol, loader, optimizer, scaler, autocast, generator, health, run, epoch)
         except FloatingPointError as e:
@@ -198,15 +174,14 @@ def main(args):
                 print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
         done = run.step == (epoch + 1) * steps_per_epoch  # the epoch ran to its end
-        if env.main:
-            if done:
-                training.append_jsonl(run.log, stats)
-                print(f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['images_per_s']:.0f} images/s")
-            if run.stopped or (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-                save(run, byol, optimizer, scaler, generator, epoch + done)
-            if done and epoch + 1 in keep:
-                training.save_atomic(byol.target_backbone.state_dict(),
-                                     os.path.join(args.out, f"backbone_ep{epoch + 1:03d}.pth"))
+        if done and env.main:
+            training.append_jsonl(run.log, stats)
+            print(f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['images_per_s']:.0f} images/s")
+        if run.stopped or (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+            save(run, byol, optimizer, scaler, generator, epoch + done)
+        if done and epoch + 1 in keep and env.main:
+            training.save_atomic(byol.target_backbone.state_dict(),
+                                 os.path.join(args.out, f"backbone_ep{epoch + 1:03d}.pth"))
         if run.stopped:
             if env.main:
                 print(f"stopped at step {run.step}: {args.out}/checkpoint.pt written; continue with --resume auto")

@@ -22,9 +22,10 @@ from tqdm import tqdm
 import acdc
 import training
 from byol import augment
-from evaluate import confusion
-from resnet import CheckpointError, load_backbone, read_checkpoint
-from unet import UNet, crop_to, load_segmentation, pad_to
+from evaluate import confusion, predict_slices
+from resnet import load_backbone, read_checkpoint
+from resnet import unwrap as unwrap_checkpoint
+from unet import UNet, load_segmentation
 
 CLASSES = ["background", "RV", "MYO", "LV"]
 
@@ -129,31 +130,26 @@ def train_one_epoch(model, loader, optimizer, scaler, autocast, generator, healt
         run.step += 1
         seen += images.shape[0] * env.world_size
 
-        if run.step % args.log_every == 0 or steps == len(loader):
-            message, stop = health.check(scaler, run.stop.requested, epoch)
-            if message:
-                raise FloatingPointError(message)
+        stop_after = args.stop_after and run.step - run.start_step >= args.stop_after
+        if run.step % args.log_every == 0 or steps == len(loader) or stop_after:
+            loss_now, stop = health.check(loss, scaler, run.stop.requested or stop_after, epoch)
             speed = seen / (time.perf_counter() - t0)
-            record = {"epoch": epoch, "step": run.step, "loss": loss.item(), "lr": lr, "images_per_s": speed}
             if env.main:
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.3g}", iou=f"{run.best:.3f}", img_s=f"{speed:.0f}")
-                training.append_jsonl(run.log, record)
+                bar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{lr:.3g}", iou=f"{run.best:.3f}", img_s=f"{speed:.0f}")
+                training.append_jsonl(run.log, {"epoch": epoch, "step": run.step, "loss": loss_now, "lr": lr,
+                                                "images_per_s": speed})
             if stop:
                 run.stopped = True
                 break
-        if args.stop_after and run.step - run.start_step >= args.stop_after:
-            run.stopped = True
-            break
     bar.close()
-    loss_mean = training.all_reduce(loss_sum) / max(1, steps) / env.world_size
-    return {"epoch": epoch, "loss": loss_mean.item(), "steps": steps,
-            "images_per_s": seen / (time.perf_counter() - t0), "time_s": time.perf_counter() - t0}
+    return training.epoch_stats(epoch, loss_sum, steps, seen, t0)
 
 
 @torch.no_grad()
 def validate(model, dataset, run):
-    """whole slices, deterministically: each rank takes every world_size-th slice, normalises it,
-    pads it to a multiple of 32 and crops the logits back; the confusion matrix is summed over ranks"""
+    """whole slices, deterministically, by evaluate.py's protocol (padded to at least 224 and a
+    multiple of 32, logits cropped back): each rank takes every world_size-th slice, and the
+    confusion matrix is summed over ranks"""
     args, env = run.args, run.env
     model.eval()
     shard = torch.utils.data.Subset(dataset, range(env.rank, len(dataset), env.world_size))
@@ -165,11 +161,8 @@ def validate(model, dataset, run):
         h, w = batch["image"].shape[-2:]
         valid = ((torch.arange(h, device=env.device)[None, :, None] < batch["size"][:, :1, None]) &
                  (torch.arange(w, device=env.device)[None, None, :] < batch["size"][:, 1:, None]))  # (B, H, W)
-        images = acdc.normalize(batch["image"], run.mean, run.std) * valid[:, None]  # zero outside the slice
-        images, hw = pad_to(images, 32)
-        with run.autocast():
-            logits = crop_to(model(images), hw)                   # (B, 4, H, W)
-        counts += confusion(logits.argmax(1)[valid], batch["label"][valid], len(CLASSES))
+        pred = predict_slices(model, batch["image"][:, 0], (run.mean, run.std), run.autocast)  # (B, H, W)
+        counts += confusion(pred, torch.where(valid, batch["label"], -1), len(CLASSES))  # -1: collate's padding
     training.all_reduce(counts)
     inter = counts.diag().double()
     union = counts.sum(0).double() + counts.sum(1).double() - inter
@@ -180,37 +173,29 @@ def validate(model, dataset, run):
 # -----------------------------------------------------------------------------
 # the script
 
-class Run:
-    """the state the loop carries: arguments, environment, schedule numbers, step counters"""
+def adam(net, lr, device):
+    """Adam over two groups (the encoder can be frozen by its learning rate); the fused kernel on GPUs"""
+    groups = [{"name": "encoder", "params": list(net.encoder.parameters())},
+              {"name": "decoder", "params": [p for n, p in net.named_parameters() if not n.startswith("encoder.")]}]
+    return torch.optim.Adam(groups, lr=lr, **({"fused": True} if device.type == "cuda" else {"foreach": True}))
 
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
 
-
-def load_weights(model, path, trust):
-    """a segmentation checkpoint continues the whole U-Net; anything else initialises the encoder"""
+def load_weights(model, path, arch, trust):
+    """a segmentation checkpoint (one with a segmentation head) continues the whole U-Net; any other
+    initialises the encoder"""
     state = read_checkpoint(path, trust=trust)
-    try:
+    if "segmentation_head.0.weight" in unwrap_checkpoint(state)[1]:
         model.load_state_dict(load_segmentation(state))
         return f"the whole U-Net from {path}"
-    except CheckpointError:
-        model.encoder.load_state_dict(load_backbone(state, in_chans=1))
-        return f"the encoder from {path}; decoder and head start from random weights"
+    model.encoder.load_state_dict(load_backbone(state, in_chans=1, arch=arch))
+    return f"the encoder from {path}; decoder and head start from random weights"
 
 
 def main(args):
     # -------------------------------------------------------------------- distributed and AMP set-up
-    args.out = args.out or "runs/segment"
     if not 0 < args.label_fraction <= 1:
         sys.exit(f"--label-fraction {args.label_fraction}: expected a fraction in (0, 1]")
-    try:
-        acdc.find_cases(args.data)  # a missing or empty root fails here, before any process group
-    except acdc.DatasetError as e:
-        sys.exit(f"--data: {e}")
-    resume = training.prepare_run(args.out, args.resume, args.overwrite)
-    env = training.setup(args.device)
-    autocast, scaler, amp = training.autocast(env.device, args.amp)
-    torch.manual_seed(args.seed)
+    env, resume, autocast, scaler, amp = training.start(args, default_out="runs/segment")
 
     # -------------------------------------------------------------------- data
     with training.main_first(env):
@@ -221,29 +206,18 @@ def main(args):
     steps_per_epoch = training.steps_per_epoch(train_set, args.batch_size, env.world_size)
 
     # -------------------------------------------------------------------- model
-    model = UNet(in_chans=1, num_classes=len(CLASSES), arch=args.arch)
+    net = UNet(in_chans=1, num_classes=len(CLASSES), arch=args.arch)
     loaded = "nothing (random initialisation)"
     if args.weights != "none":
-        loaded = load_weights(model, args.weights, args.trust_checkpoint)
-    model = model.to(env.device)
-    if env.world_size > 1 and env.device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(memory_format=torch.channels_last)
-    net = model  # the plain module: checkpoints and validation use it
-    model = torch.compile(model) if args.compile else model
-    if env.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        loaded = load_weights(net, args.weights, args.arch, args.trust_checkpoint)
+    net, model = training.wrap(net, env, args.compile)  # net: the plain module, for checkpoints and validation
 
     # -------------------------------------------------------------------- optimizer and schedule
-    groups = [{"name": "encoder", "params": list(net.encoder.parameters())},
-              {"name": "decoder", "params": [p for n, p in net.named_parameters() if not n.startswith("encoder.")]}]
-    fused = {"fused": True} if env.device.type == "cuda" else {"foreach": True}
-    optimizer = torch.optim.Adam(groups, lr=args.lr, **fused)
-    run = Run(args=args, env=env, step=0, total_steps=args.epochs * steps_per_epoch,
-              warmup_steps=args.warmup_epochs * steps_per_epoch, mean=acdc.MEAN, std=acdc.STD,
-              loss_fn=LOSSES[args.loss], autocast=autocast, best=0.0, best_epoch=-1,
-              log=os.path.join(args.out, "log.jsonl"), stop=training.StopSignal(), stopped=False)
+    optimizer = adam(net, args.lr, env.device)
+    run = training.Run(args=args, env=env, step=0, total_steps=args.epochs * steps_per_epoch,
+                       warmup_steps=args.warmup_epochs * steps_per_epoch, mean=acdc.MEAN, std=acdc.STD,
+                       loss_fn=LOSSES[args.loss], autocast=autocast, best=-1.0, best_epoch=-1,
+                       log=os.path.join(args.out, "log.jsonl"), stop=training.StopSignal(), stopped=False)
     run.config = training.run_config(args, env, amp=amp, global_batch=args.batch_size * env.world_size,
                                      train_slices=len(train_set), val_slices=len(val_set),
                                      steps_per_epoch=steps_per_epoch, total_steps=run.total_steps,
@@ -255,7 +229,7 @@ def main(args):
     start_epoch = 0
     if resume:
         start_epoch, run.step = training.resume(resume, "segmentation", net, optimizer, scaler, generator,
-                                                trust=args.trust_checkpoint)
+                                                run.config, trust=args.trust_checkpoint)
         best = os.path.join(args.out, "best.pt")
         if os.path.exists(best):
             saved = read_checkpoint(best)
@@ -272,9 +246,10 @@ def main(args):
 
     # -------------------------------------------------------------------- loop
     health = training.Health(env.device)
+    loader = training.make_loader(train_set, args.batch_size, env, args.workers, args.seed)
     for epoch in range(start_epoch, args.epochs):
-        skip = run.step - epoch * steps_per_epoch  # batches this epoch already did before an interruption
-        loader = training.make_loader(train_set, args.batch_size, env, args.workers, args.seed, epoch, skip)
+        # the batches this epoch already did before an interruption are skipped
+        loader.sampler.set_epoch(epoch, skip=(run.step - epoch * steps_per_epoch) * args.batch_size)
         try:
             stats = train_one_epoch(model, loader, optimizer, scaler, autocast, generator, health, run, epoch)
         except FloatingPointError as e:
@@ -288,16 +263,14 @@ def main(args):
                 run.best, run.best_epoch = stats["val_iou"], epoch
                 training.save_atomic({"kind": "segmentation", "model": net.state_dict(), "epoch": epoch,
                                       "val": stats, **meta}, os.path.join(args.out, "best.pt"))
-        if env.main:
-            if done:
-                training.append_jsonl(run.log, stats)
-                print(f"epoch {epoch}: loss {stats['loss']:.4f}"
-                      + (f", val IoU {stats['val_iou']:.4f} (RV {stats['val_iou_RV']:.3f}, MYO {stats['val_iou_MYO']:.3f},"
-                         f" LV {stats['val_iou_LV']:.3f})" if "val_iou" in stats else "")
-                      + f", {stats['images_per_s']:.0f} images/s")
-            if run.stopped or (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-                training.save_checkpoint(os.path.join(args.out, "checkpoint.pt"), "segmentation", net, optimizer,
-                                         scaler, generator, epoch + done, run.step, **meta)
+        if done and env.main:
+            training.append_jsonl(run.log, stats)
+            val = (f", val IoU {stats['val_iou']:.4f} (RV {stats['val_iou_RV']:.3f}, MYO {stats['val_iou_MYO']:.3f}, "
+                   f"LV {stats['val_iou_LV']:.3f})" if "val_iou" in stats else "")
+            print(f"epoch {epoch}: loss {stats['loss']:.4f}{val}, {stats['images_per_s']:.0f} images/s")
+        if run.stopped or (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+            training.save_checkpoint(os.path.join(args.out, "checkpoint.pt"), "segmentation", net, optimizer,
+                                     scaler, generator, epoch + done, run.step, **meta)
         if run.stopped:
             if env.main:
                 print(f"stopped at step {run.step}: {args.out}/checkpoint.pt written; continue with --resume auto")

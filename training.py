@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,20 @@ def add_common_args(parser, *, epochs, batch_size, size=224):
     return p
 
 
+def start(args, default_out):
+    """the set-up both scripts open with -> (env, checkpoint to resume or None, autocast, scaler, amp).
+    A missing or empty data root fails here, with acdc.py's message, before any process group."""
+    args.out = args.out or default_out
+    try:
+        acdc.find_cases(args.data)
+    except acdc.DatasetError as e:
+        sys.exit(f"--data: {e}")
+    resume = prepare_run(args.out, args.resume, args.overwrite)
+    env = setup(args.device)
+    torch.manual_seed(args.seed)
+    return (env, resume, *autocast(env.device, args.amp))
+
+
 # -----------------------------------------------------------------------------
 # distributed set-up and tear-down (torchrun only: RANK in the environment decides)
 
@@ -79,6 +94,7 @@ def setup(device="auto"):
             sys.exit("--device cuda: no CUDA device is visible to this process")
         device = f"cuda:{local}" if ddp or device == "cuda" else device
         torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick the fastest kernels once
     if ddp:
         # nccl between GPUs, gloo on CPU (nccl has no CPU path)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
@@ -123,6 +139,27 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)
 
 
+class Run:
+    """what a training loop carries: arguments, environment, schedule numbers, step counters"""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def wrap(net, env, compile):
+    """the plain module -> what the loop calls: SyncBatchNorm across GPUs, channels_last (faster
+    convolutions on GPUs and on CPUs), DDP, then torch.compile (compiling the DDP module lets
+    gradient communication overlap the backward pass). -> (plain module, wrapped model)"""
+    if env.world_size > 1 and env.device.type == "cuda":
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # no CPU kernel: gloo runs keep per-rank BN
+    net = net.to(env.device, memory_format=torch.channels_last)
+    model = net
+    if env.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    return net, (torch.compile(model) if compile else model)
+
+
 def default_workers(requested):
     if requested >= 0:
         return requested
@@ -158,11 +195,16 @@ def warmup_cosine(step, total_steps, warmup_steps, base_lr, start_lr=0.0, final_
 # -----------------------------------------------------------------------------
 # data: raw slices only; augmentation happens on the device
 
-class SkipSampler(torch.utils.data.Sampler):
-    """a DistributedSampler for one epoch, minus the samples already seen before an interruption"""
+class EpochSampler(torch.utils.data.Sampler):
+    """this rank's shard of one epoch (DistributedSampler: the order depends on seed and epoch
+    only), minus the samples already seen before an interruption"""
 
-    def __init__(self, sampler, skip=0):
-        self.sampler, self.skip = sampler, skip
+    def __init__(self, sampler):
+        self.sampler, self.skip = sampler, 0
+
+    def set_epoch(self, epoch, skip=0):
+        self.sampler.set_epoch(epoch)
+        self.skip = skip
 
     def __iter__(self):
         return itertools.islice(iter(self.sampler), self.skip, None)
@@ -171,18 +213,16 @@ class SkipSampler(torch.utils.data.Sampler):
         return len(self.sampler) - self.skip
 
 
-def make_loader(dataset, batch_size, env, workers, seed, epoch, skip_batches=0):
-    """a loader over the epoch's shard of this rank; the order depends on (seed, epoch) only, so a
-    resumed run sees the same batches as an uninterrupted one"""
+def make_loader(dataset, batch_size, env, workers, seed):
+    """built once: the workers persist across epochs (the sampler runs in this process, so
+    loader.sampler.set_epoch(epoch, skip) before each epoch reaches them)"""
     sampler = torch.utils.data.DistributedSampler(
         dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed, drop_last=True)
-    sampler.set_epoch(epoch)
     workers = default_workers(workers)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=SkipSampler(sampler, skip_batches * batch_size),
-        num_workers=workers, collate_fn=acdc.collate_slices, drop_last=True,
-        pin_memory=env.device.type == "cuda", persistent_workers=False,
-        prefetch_factor=4 if workers > 0 else None)
+        dataset, batch_size=batch_size, sampler=EpochSampler(sampler), num_workers=workers,
+        collate_fn=acdc.collate_slices, drop_last=True, pin_memory=env.device.type == "cuda",
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
 
 
 def steps_per_epoch(dataset, batch_size, world_size):
@@ -191,6 +231,14 @@ def steps_per_epoch(dataset, batch_size, world_size):
         sys.exit(f"--batch-size {batch_size} x {world_size} processes is larger than the dataset "
                  f"({len(dataset)} slices): lower --batch-size")
     return steps
+
+
+def epoch_stats(epoch, loss_sum, steps, seen, t0):
+    """the epoch's mean loss over ranks and its speed, for the per-epoch line of log.jsonl"""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    seconds = time.perf_counter() - t0
+    return {"epoch": epoch, "loss": (all_reduce(loss_sum) / max(1, steps) / world).item(), "steps": steps,
+            "images_per_s": seen / seconds, "time_s": seconds}
 
 
 def to_device(batch, device):
@@ -213,13 +261,17 @@ def prepare_run(out, resume, overwrite):
         if not os.path.exists(resume):
             sys.exit(f"--resume {resume}: file not found")
         return resume
-    taken = [f for f in ("checkpoint.pt", "config.json", "log.jsonl") if os.path.exists(os.path.join(out, f))]
+    taken = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
     if taken and not overwrite:
         sys.exit(f"--out {out} holds another run ({', '.join(taken)}): pass --resume auto to continue it, "
                  f"--overwrite to start afresh, or choose another --out")
-    if "log.jsonl" in taken and int(os.environ.get("RANK", 0)) == 0:  # --overwrite: a fresh log
-        os.remove(os.path.join(out, "log.jsonl"))
+    if int(os.environ.get("RANK", 0)) == 0:  # --overwrite: nothing of the old run may be resumed or kept as best
+        for f in taken + [f for f in os.listdir(out) if f.startswith("backbone_ep")]:
+            os.remove(os.path.join(out, f))
     return None
+
+
+RUN_FILES = ("checkpoint.pt", "config.json", "log.jsonl", "best.pt", "backbone.pth")
 
 
 def save_atomic(obj, path):
@@ -239,37 +291,52 @@ def append_jsonl(path, record):
 
 
 def rng_state(generator):
-    """every random state a step depends on, as tensors and plain values (weights_only loads it)"""
-    state = {"python": list(random.getstate()[1]), "torch": torch.get_rng_state(), "augment": generator.get_state()}
+    """every random state a step depends on, as tensors and plain values (weights_only loads it);
+    the augmentation streams of all ranks (each rank has its own), so every rank resumes its own"""
+    streams = [generator.get_state()]
+    if dist.is_initialized():
+        streams = [None] * dist.get_world_size()
+        dist.all_gather_object(streams, generator.get_state())  # a collective: every rank calls rng_state
+    state = {"python": list(random.getstate()[1]), "torch": torch.get_rng_state(), "augment": streams}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state, generator):
+def set_rng_state(state, generator, rank):
     random.setstate((3, tuple(state["python"]), None))
     torch.set_rng_state(state["torch"])
-    generator.set_state(state["augment"].to(generator.get_state().device))
+    generator.set_state(state["augment"][rank])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(path, kind, model, optimizer, scaler, generator, epoch, step, **extra):
-    """everything needed to continue exactly: unwrapped model, optimizer, scaler, counters, RNG states"""
-    save_atomic({"kind": kind, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
-                 "rng": rng_state(generator), **extra}, path)
+    """everything needed to continue exactly: unwrapped model, optimizer, scaler, counters, RNG states.
+    Every rank calls it (the RNG states are gathered); rank 0 writes."""
+    rng = rng_state(generator)
+    if int(os.environ.get("RANK", 0)) == 0:
+        save_atomic({"kind": kind, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "rng": rng, **extra}, path)
 
 
-def resume(path, kind, model, optimizer, scaler, generator, trust=False):
-    """load a checkpoint written by save_checkpoint; -> (epoch, step)"""
+def resume(path, kind, model, optimizer, scaler, generator, config, trust=False):
+    """load a checkpoint written by save_checkpoint into a run of the same shape; -> (epoch, step)"""
     ckpt = read_checkpoint(path, trust=trust)
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         sys.exit(f"--resume {path}: not a {kind} checkpoint of this project")
+    # the batches an epoch holds and their order must be the same, or the run would not continue exactly
+    for key in ("world_size", "steps_per_epoch", "global_batch"):
+        if ckpt["config"][key] != config[key]:
+            sys.exit(f"--resume {path}: {key} was {ckpt['config'][key]}, now {config[key]}; resume with "
+                     f"the same processes, --batch-size and data")
+    if ckpt["config"]["args"]["seed"] != config["args"]["seed"]:
+        sys.exit(f"--resume {path}: --seed was {ckpt['config']['args']['seed']}, now {config['args']['seed']}")
     unwrap(model).load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"], generator)
+    if ckpt["scaler"] and scaler.is_enabled():  # empty when the run was not fp16
+        scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"], generator, dist.get_rank() if dist.is_initialized() else 0)
     return ckpt["epoch"], ckpt["step"]
 
 
@@ -317,13 +384,16 @@ class Health:
         bad = ~torch.isfinite(loss.detach())
         self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step), self.first_bad)
 
-    def check(self, scaler, stop, epoch):
-        """-> (message or None, stop requested on any rank); syncs all ranks"""
-        t = torch.stack([self.first_bad.float().clamp(min=-1), torch.tensor(float(stop), device=self.first_bad.device)])
-        all_reduce(t, dist.ReduceOp.MAX)
-        if t[0] >= 0:
-            return f"non-finite loss at epoch {epoch}, step {int(t[0])}: stopping; the last good checkpoint.pt is kept", True
+    def check(self, loss, scaler, stop, epoch):
+        """at a logging interval, on every rank: raises FloatingPointError on a fault (on all ranks
+        alike); -> (this step's loss averaged over ranks, whether any rank was asked to stop)"""
+        flags = torch.stack([self.first_bad.double(), torch.tensor(float(stop), device=self.first_bad.device)])
+        all_reduce(flags, dist.ReduceOp.MAX)
+        loss = all_reduce(loss.detach().float().clone()) / (dist.get_world_size() if dist.is_initialized() else 1)
+        if flags[0] >= 0:
+            raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {int(flags[0])}: stopping; "
+                                     f"the last good checkpoint.pt is kept")
         if scaler.is_enabled() and scaler.get_scale() < self.MIN_SCALE:
-            return (f"fp16 loss scale collapsed to {scaler.get_scale():.3g} at epoch {epoch}: the grad scaler "
-                    f"skipped many steps in a row; try --amp bf16 or a lower learning rate"), True
-        return None, bool(t[1] > 0)
+            raise FloatingPointError(f"fp16 loss scale collapsed to {scaler.get_scale():.3g} at epoch {epoch}: the "
+                                     f"grad scaler skipped many steps in a row; try --amp bf16 or a lower learning rate")
+        return loss.item(), bool(flags[1] > 0)

@@ -29,7 +29,9 @@ def test_prepare_run_refuses_another_run(tmp_path):
     assert training.prepare_run(out, "auto", False) is None  # nothing to resume yet
     training.save_atomic({"x": torch.zeros(1)}, os.path.join(out, "checkpoint.pt"))
     assert training.prepare_run(out, "auto", False) == os.path.join(out, "checkpoint.pt")
-    assert training.prepare_run(out, None, True) is None     # --overwrite
+    training.save_atomic({"x": torch.zeros(1)}, os.path.join(out, "best.pt"))
+    assert training.prepare_run(out, None, True) is None     # --overwrite: nothing of the old run is left
+    assert os.listdir(out) == []
     with pytest.raises(SystemExit, match="not found"):
         training.prepare_run(out, str(tmp_path / "missing.pt"), False)
 
@@ -47,7 +49,7 @@ def test_rng_state_round_trip_through_a_weights_only_file(tmp_path):
     expected = (random.random(), torch.rand(2), torch.rand(2, generator=g))
     state = torch.load(str(tmp_path / "rng.pt"), weights_only=True)  # plain containers and tensors only
     random.seed(99), torch.manual_seed(99), g.manual_seed(99)
-    training.set_rng_state(state, g)
+    training.set_rng_state(state, g, rank=0)
     got = (random.random(), torch.rand(2), torch.rand(2, generator=g))
     assert got[0] == expected[0] and torch.equal(got[1], expected[1]) and torch.equal(got[2], expected[2])
 
@@ -56,22 +58,22 @@ def test_health_finds_the_first_non_finite_step():
     health, scaler = training.Health(torch.device("cpu")), torch.amp.GradScaler("cpu", enabled=False)
     for step, value in enumerate([1.0, 2.0, math.nan, 3.0, math.inf]):
         health.watch(torch.tensor(value), step)
-    message, stop = health.check(scaler, False, epoch=4)
-    assert stop and "epoch 4, step 2" in message
+    with pytest.raises(FloatingPointError, match="epoch 4, step 2"):
+        health.check(torch.tensor(1.0), scaler, False, epoch=4)
 
 
 def test_health_passes_finite_losses_and_reports_a_stop_request():
     health, scaler = training.Health(torch.device("cpu")), torch.amp.GradScaler("cpu", enabled=False)
     health.watch(torch.tensor(0.5), 0)
-    assert health.check(scaler, False, 0) == (None, False)
-    assert health.check(scaler, True, 0) == (None, True)
+    assert health.check(torch.tensor(0.5), scaler, False, 0) == (0.5, False)
+    assert health.check(torch.tensor(0.25), scaler, True, 0) == (0.25, True)
 
 
 def test_health_stops_on_a_collapsed_fp16_scale():
     health = training.Health(torch.device("cpu"))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** -3)  # what many skipped steps in a row leave
-    message, stop = health.check(scaler, False, 7)
-    assert stop and "loss scale collapsed" in message
+    with pytest.raises(FloatingPointError, match="loss scale collapsed"):
+        health.check(torch.tensor(1.0), scaler, False, 7)
 
 
 def test_autocast_off_on_cpu_by_default():
@@ -83,6 +85,11 @@ def test_autocast_off_on_cpu_by_default():
     assert y.dtype == torch.bfloat16 and not scaler.is_enabled()
 
 
-def test_skip_sampler_drops_what_was_seen():
-    s = training.SkipSampler(list(range(10)), skip=4)
-    assert list(s) == [4, 5, 6, 7, 8, 9] and len(s) == 6
+def test_epoch_sampler_orders_by_epoch_and_skips_what_was_seen():
+    sampler = training.EpochSampler(torch.utils.data.DistributedSampler(range(10), num_replicas=1, rank=0, seed=3))
+    sampler.set_epoch(2)
+    whole = list(sampler)
+    sampler.set_epoch(1)
+    assert list(sampler) != whole                       # another epoch, another order
+    sampler.set_epoch(2, skip=4)
+    assert list(sampler) == whole[4:] and len(sampler) == 6
