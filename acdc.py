@@ -274,7 +274,7 @@ def intensity_stats(root, cache_dir=None):
     dataset = LabelledSlices(root, "train", cache_dir)
     n, total, total_sq = np.sum([(x.size, x.sum(dtype=np.float64), np.square(x, dtype=np.float64).sum())
                                  for x in (dataset._map(vol["cache"][0]) for vol in dataset.volumes)], 0)
-    return total / n, float(np.sqrt(total_sq / n - (total / n) ** 2))
+    return float(total / n), float(np.sqrt(total_sq / n - (total / n) ** 2))
 
 
 # -----------------------------------------------------------------------------

@@ -135,11 +135,12 @@ def main(args):
     byol, model = training.wrap(BYOL(backbone), env, args.compile)  # the target starts as a copy of the online net
 
     # -------------------------------------------------------------------- optimizer and schedule
+    mean, std = training.normalisation(args)
     global_batch = args.batch_size * env.world_size
     lr = args.lr * global_batch / 256  # the paper's linear scaling rule
     optimizer = LARS(lars_param_groups(byol, args.weight_decay), lr=lr)
     run = training.Run(args=args, env=env, lr=lr, step=0, total_steps=args.epochs * steps_per_epoch,
-                       warmup_steps=args.warmup_epochs * steps_per_epoch, mean=acdc.MEAN, std=acdc.STD,
+                       warmup_steps=args.warmup_epochs * steps_per_epoch, mean=mean, std=std,
                        log=os.path.join(args.out, "log.jsonl"), stop=training.StopSignal(), stopped=False)
     run.config = training.run_config(args, env, amp=amp, global_batch=global_batch, lr_scaled=lr,
                                       slices=len(dataset), steps_per_epoch=steps_per_epoch,

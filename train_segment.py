@@ -213,9 +213,10 @@ def main(args):
     net, model = training.wrap(net, env, args.compile)  # net: the plain module, for checkpoints and validation
 
     # -------------------------------------------------------------------- optimizer and schedule
+    mean, std = training.normalisation(args)
     optimizer = adam(net, args.lr, env.device)
     run = training.Run(args=args, env=env, step=0, total_steps=args.epochs * steps_per_epoch,
-                       warmup_steps=args.warmup_epochs * steps_per_epoch, mean=acdc.MEAN, std=acdc.STD,
+                       warmup_steps=args.warmup_epochs * steps_per_epoch, mean=mean, std=std,
                        loss_fn=LOSSES[args.loss], autocast=autocast, best=-1.0, best_epoch=-1,
                        log=os.path.join(args.out, "log.jsonl"), stop=training.StopSignal(), stopped=False)
     run.config = training.run_config(args, env, amp=amp, global_batch=args.batch_size * env.world_size,

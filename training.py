@@ -51,9 +51,17 @@ def add_common_args(parser, *, epochs, batch_size, size=224):
     p.add_argument("--stop-after", type=int, default=0,
                    help="stop after N steps in this invocation, writing checkpoint.pt (for time-limited jobs); 0: never")
     p.add_argument("--cache", default=None, help="folder for decoded slices (default: acdc.py's)")
+    p.add_argument("--norm", default="published", choices=["published", "data"],
+                   help="input normalisation: the published models' ACDC statistics (mean 67.27, std 84.66), or "
+                        "those of --data's labelled train slices; pretraining and fine-tuning should use the same")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow full unpickling of checkpoints that hold more than tensors (runs code from the file)")
     return p
+
+
+def normalisation(args):
+    """(mean, std) of the raw intensities, as --norm asks; checkpoints store them for evaluate.py"""
+    return (acdc.MEAN, acdc.STD) if args.norm == "published" else acdc.intensity_stats(args.data, args.cache)
 
 
 def start(args, default_out):

@@ -121,3 +121,11 @@ def test_label_fraction_keeps_the_epoch_length(tiny_acdc, tmp_path):
 def test_bad_label_fraction_is_a_clear_error(tiny_acdc, tmp_path):
     with pytest.raises(SystemExit, match="--label-fraction"):
         run(tiny_acdc, tmp_path / "run", "--label-fraction", "1.5")
+
+
+def test_norm_data_uses_and_stores_the_train_split_statistics(tiny_acdc, tmp_path):
+    run(tiny_acdc, tmp_path / "run", "--norm", "data", "--epochs", "1")
+    mean, std = acdc.intensity_stats(tiny_acdc, os.path.join(tiny_acdc, "cache"))
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert (best["mean"], best["std"]) == pytest.approx((mean, std))
+    assert best["mean"] != pytest.approx(acdc.MEAN)
