@@ -122,3 +122,25 @@ def test_torchrun_two_processes_on_cpu(tiny_acdc, tmp_path):
     epochs = [json.loads(line) for line in open(out / "log.jsonl") if '"steps"' in line]
     assert len(epochs) == 1                                # rank 0 alone writes
     assert sorted(os.listdir(out)) == ["backbone.pth", "checkpoint.pt", "config.json", "log.jsonl"]
+
+
+FAILING = """
+import os, sys
+sys.path.insert(0, {root!r})
+import byol, train_pretrain
+if os.environ["RANK"] == "1":
+    def broken(p, z):
+        raise RuntimeError("rank 1 broke")
+    byol.byol_loss = broken
+train_pretrain.main(train_pretrain.parse_args(sys.argv[1:]))
+"""
+
+
+def test_an_error_on_one_rank_ends_the_whole_job(tiny_acdc, tmp_path):
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING.format(root=ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script),
+           *tiny_args(tiny_acdc, tmp_path / "ddp", "--epochs", "1")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)  # a hang fails here
+    assert done.returncode != 0
+    assert "RuntimeError: rank 1 broke" in done.stderr   # the failing rank's traceback reaches the user
