@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 import acdc
-from resnet import read_checkpoint
+from resnet import CheckpointError, read_checkpoint
 
 
 # -----------------------------------------------------------------------------
@@ -119,6 +119,8 @@ def run_main(main, args):
     with its traceback and a non-zero status, and torchrun then stops every other rank"""
     try:
         return main(args)
+    except (CheckpointError, acdc.DatasetError) as e:  # bad input: its message names the file, no traceback
+        sys.exit(f"error: {e}")
     finally:
         teardown()
 
