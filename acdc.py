@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-# the normalisation the published models were trained with (raw intensities of ACDC's train slices);
-# pretraining and fine-tuning both use it, so a fine-tuned encoder sees what it was pretrained on
+# mean and std of the raw intensities of ACDC's labelled train volumes (the paper's DATASET_MEAN/STD; its code
+# applied them through albumentations, which scales both by 255: see evaluate.normalisation_of). Pretraining,
+# fine-tuning and evaluation here all use (x - MEAN) / STD, so a fine-tuned encoder sees what it was pretrained on
 MEAN, STD = 67.27297657740893, 84.6606962344396
 
 
@@ -97,8 +98,10 @@ def find_cases(root, problems=None, split="all"):
             image, label = _nifti(stem), _nifti(stem + "_gt")
             if not image:
                 found.append(f"{stem}.nii.gz: missing (the {phase} frame {info[phase]} of Info.cfg)")
-            elif not label:
+            elif not label and patient <= 100:  # testing/ (101-150) came without labels before the 2020 re-release
                 found.append(f"{stem}_gt.nii.gz: missing (the labels of the {phase} frame)")
+            elif not label:
+                continue
             else:
                 frames.append(Frame(patient, info[phase], phase, image, label))
         cases.append(Case(patient, folder, info, info["ED"], info["ES"], frames, _nifti(base + "_4d")))

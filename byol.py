@@ -208,6 +208,8 @@ def augment(images, sizes, generator, mean, std, out_size=224, scale=(0.08, 1.0)
     -> (B, 1, out_size, out_size) float32 normalised [, (B, out_size, out_size) int64 labels].
 
     Random resized crop (inside the true h x w) -> horizontal flip -> brightness/contrast jitter -> (x - mean) / std.
+    The jitter follows torchvision's ColorJitter on raw intensities; the paper's albumentations
+    RandomBrightnessContrast on uint16 images added up to 20% of 65535, blanking many views: not copied.
     Defaults are the paper's pretraining views (augmentations/acdc.yaml: crop 224, scale 0.08-1,
     flip 0.5, jitter p 0.8 with brightness 0.2 and contrast 0.2; blur and solarization off).
     Its saturation 0.2, hue 0.1 and grayscale p 0.2 change nothing on a 1-channel image: left out.

@@ -147,11 +147,13 @@ def slice_iou(pred, truth, num_classes=4):
 
 def paper_iou_summary(ious):
     """(N slices, C) -> the paper's numbers: per-slice mean IoU (absent classes count as 1.0),
-    mean and std over slices; with background and over the structures alone; per-class means"""
+    mean and std over slices (np.std's population std, as the paper computed it); with background
+    and over the structures alone; per-class means"""
     filled = ious.nan_to_num(1.0)
     with_bg, structures = filled.mean(1), filled[:, 1:].mean(1)
-    return {"mean_iou_with_background": with_bg.mean().item(), "std_iou_with_background": with_bg.std().item(),
-            "mean_iou_structures": structures.mean().item(), "std_iou_structures": structures.std().item(),
+    return {"mean_iou_with_background": with_bg.mean().item(),
+            "std_iou_with_background": with_bg.std(correction=0).item(),
+            "mean_iou_structures": structures.mean().item(), "std_iou_structures": structures.std(correction=0).item(),
             "per_class_iou": {n: ious[:, c].nanmean().item() for c, n in enumerate(CLASS_NAMES[:ious.shape[1]])},
             "slices": len(ious)}
 
@@ -383,8 +385,13 @@ class CaseVolumes(torch.utils.data.Dataset):
         return len(self.cases)
 
     def __getitem__(self, i):
-        case = self.cases[i]
-        return case, [(f, acdc.read_volume(f.image), acdc.read_label(f.label)) for f in case.frames]
+        case, volumes = self.cases[i], []
+        for f in case.frames:
+            image, label = acdc.read_volume(f.image), acdc.read_label(f.label)
+            if image.data.shape != label.data.shape:
+                raise acdc.DatasetError(f"{f.label}: labels of shape {label.data.shape}, the image {image.data.shape}")
+            volumes.append((f, image, label))
+        return case, volumes
 
 
 def as_is(item):  # the loader's collate_fn: volumes stay numpy arrays with their nibabel headers
@@ -425,7 +432,11 @@ def main(args):
 
     # ---- data and model
     try:
-        cases = acdc.select(acdc.find_cases(args.data), args.split, args.data)
+        cases = acdc.find_cases(args.data, split=args.split)  # other splits' problems do not stop this one
+        unlabelled = [c.path for c in cases if len(c.frames) < 2]
+        if unlabelled:
+            raise acdc.DatasetError(f"{unlabelled[0]}: no _gt label files for ED and ES ({len(unlabelled)} such "
+                                    f"patients); ACDC's testing set came without labels before its 2020 re-release")
         model, norm = load_model(args.checkpoint, device, trust=args.trust_checkpoint)
     except (acdc.DatasetError, CheckpointError) as e:
         sys.exit(str(e))
@@ -448,12 +459,13 @@ def main(args):
             pred = predict_volume(net, image.data, device, norm, autocast, args.batch_size, args.min_size)  # (X, Y, Z)
             truth = torch.from_numpy(label.data).to(device)
             name = f"patient{case.patient:03d}_frame{frame.frame:02d}"
-            write_nifti(os.path.join(out, f"{name}_pred.nii.gz"), pred.cpu().numpy(), image)
+            pred_cpu = pred.cpu()  # one copy back, for the NIfTI file and the picture
+            write_nifti(os.path.join(out, f"{name}_pred.nii.gz"), pred_cpu.numpy(), image)
             rows.append({"patient": case.patient, "frame": frame.frame, "phase": frame.phase,
                          "slices": pred.shape[2], **score_volume(pred, truth, spacing)})
             ious.append(slice_iou(pred.permute(2, 0, 1), truth.permute(2, 0, 1)).cpu())  # (Z, C)
             phases[frame.phase] = (pred, truth, spacing)
-            tiles += [(torch.from_numpy(image.data), torch.from_numpy(label.data), pred.cpu(), z)
+            tiles += [(torch.from_numpy(image.data), torch.from_numpy(label.data), pred_cpu, z)
                       for z in pick_slices(truth)]
         (ed_pred, ed_truth, ed_sp), (es_pred, es_truth, es_sp) = phases["ED"], phases["ES"]
         clinical.append((clinical_indices(ed_pred, es_pred, ed_sp, es_sp),

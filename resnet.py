@@ -279,6 +279,7 @@ BACKBONE_LAYOUTS = [
     ("BYOL", "target_backbone.", "backbone."),  # this project's
     ("solo-learn BYOL", "momentum_backbone.", "backbone."),
     ("BYOL", "target_backbone.module.", "online_backbone.module."),  # yaox12's, saved from DataParallel
+    ("BYOL", "target_backbone.", "online_backbone."),  # yaox12's, saved without it
     ("U-Net encoder, timm", "encoder.model.", None),  # SMP's "tu-resnet50" encoder: the paper's U-Net
     ("U-Net encoder", "encoder.", None),
     ("ResNet", "", None),
@@ -297,7 +298,7 @@ def load_backbone(source, in_chans=1, branch="target", trust=False, arch=None):
 
     # the layout is told by the keys, never by the file name
     for layout, target, online in BACKBONE_LAYOUTS:
-        if target + "conv1.weight" in state:
+        if target + "conv1.weight" in state and (online is None or online + "conv1.weight" in state):
             break
     else:
         raise CheckpointError(f"{name}: no ResNet found in this {what}; its keys: {few(state)}")

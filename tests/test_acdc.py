@@ -303,3 +303,16 @@ def test_write_png_decodes(tmp_path):
     image = torch.randint(0, 256, (3, 5, 7), dtype=torch.uint8)
     acdc.write_png(str(tmp_path / "x.png"), image)
     assert torch.equal(torchvision.io.decode_png(torchvision.io.read_file(str(tmp_path / "x.png"))), image)
+
+
+def test_a_testing_set_without_labels_is_not_a_problem(phantom, tmp_path):
+    """ACDC's testing/ (101-150) came without _gt files before the 2020 re-release"""
+    folder = tmp_path / "testing" / "patient101"
+    shutil.copytree(os.path.join(phantom, "training", "patient003"), folder)
+    for f in os.listdir(folder):
+        os.rename(folder / f, folder / f.replace("patient003", "patient101"))
+        if f.endswith("_gt.nii.gz"):
+            os.remove(folder / f.replace("patient003", "patient101"))
+    assert acdc.check_dataset(str(tmp_path)) == []
+    [case] = acdc.find_cases(str(tmp_path), split="testing")
+    assert case.patient == 101 and case.frames == []

@@ -267,3 +267,12 @@ def test_objects_of_other_modules_still_need_trust(tmp_path):
     save_as({"state_dict": {}, "hyper_parameters": Hyper(0.5)}, Hyper, "some_library.config", "Hyper", path)
     with pytest.raises(CheckpointError, match=f"{path}.*--trust-checkpoint"):
         read_checkpoint(path)
+
+
+def test_yaox12_saved_without_dataparallel_loads_both_branches(tmp_path):
+    target, online = resnet18_state(1, 3), resnet18_state(2, 3)
+    path = tmp_path / "byol_no_module.pth.tar"
+    torch.save({"online_backbone": online, "target_backbone": target, "config": {}}, path)
+    for branch, expected in (("target", target), ("online", online)):
+        state = load_backbone(path, in_chans=3, branch=branch)
+        assert torch.equal(state["layer1.0.conv1.weight"], expected["layer1.0.conv1.weight"]), branch
