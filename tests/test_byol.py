@@ -1,6 +1,5 @@
 """Tests for byol.py: loss, tau schedule, target update, LARS, augmentations, BYOL forward.
 Run: python -m pytest tests/test_byol.py"""
-import math
 import os
 import sys
 

@@ -3,7 +3,6 @@ references written out here, and the evaluation script end to end on a tiny phan
 import itertools
 import json
 import math
-import os
 
 import numpy as np
 import pytest
