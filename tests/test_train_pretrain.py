@@ -31,8 +31,8 @@ def step_losses(out):
 
 def test_short_run_writes_every_file_and_the_backbone_loads(tiny_acdc, tmp_path):
     out = tmp_path / "run"
-    run(tiny_acdc, out)
-    assert sorted(os.listdir(out)) == ["backbone.pth", "checkpoint.pt", "config.json", "log.jsonl"]
+    run(tiny_acdc, out, "--save-backbone-epochs", "1")
+    assert sorted(os.listdir(out)) == ["backbone.pth", "backbone_ep001.pth", "checkpoint.pt", "config.json", "log.jsonl"]
     config = json.load(open(out / "config.json"))
     assert config["args"]["arch"] == "resnet18" and config["world_size"] == 1
     assert config["lr_scaled"] == pytest.approx(0.5 * 8 / 256)  # the paper's linear scaling rule
@@ -50,6 +50,8 @@ def test_short_run_writes_every_file_and_the_backbone_loads(tiny_acdc, tmp_path)
     for k, v in state.items():
         assert torch.equal(v, ckpt["model"]["target_backbone." + k])
     assert not torch.equal(state["conv1.weight"], ckpt["model"]["backbone.conv1.weight"])  # target != online
+    after_one = torch.load(out / "backbone_ep001.pth", weights_only=True)  # the copy kept after epoch 1
+    assert not torch.equal(after_one["conv1.weight"], state["conv1.weight"])
 
 
 def test_resume_continues_exactly(tiny_acdc, tmp_path):
