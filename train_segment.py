@@ -162,7 +162,7 @@ def validate(model, dataset, run):
         valid = ((torch.arange(h, device=env.device)[None, :, None] < batch["size"][:, :1, None]) &
                  (torch.arange(w, device=env.device)[None, None, :] < batch["size"][:, 1:, None]))  # (B, H, W)
         pred = predict_slices(model, batch["image"][:, 0], (run.mean, run.std), run.autocast)  # (B, H, W)
-        counts += confusion(pred, torch.where(valid, batch["label"], -1), len(CLASSES))  # -1: collate's padding
+        counts += confusion(pred, torch.where(valid, batch["label"].long(), -1), len(CLASSES))  # -1: the padding
     training.all_reduce(counts)
     inter = counts.diag().double()
     union = counts.sum(0).double() + counts.sum(1).double() - inter
