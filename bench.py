@@ -97,7 +97,8 @@ class Stopwatch:
 def build(args, env, dataset_kind):
     """-> (inputs(batch on device, generator): the script's augmentation, step(inputs): its training step, amp)"""
     autocast, scaler, amp = training.autocast(env.device, args.amp)
-    run = SimpleNamespace(args=SimpleNamespace(size=args.size, crop_scale=(0.08, 1.0)), env=env, mean=acdc.MEAN, std=acdc.STD)
+    run = training.Run(args=SimpleNamespace(size=args.size, crop_scale=(0.08, 1.0)), env=env, mean=acdc.MEAN,
+                       std=acdc.STD)
     # the scripts' models and optimizers, wrapped as they wrap them
     if dataset_kind == "pretrain":
         net, model = training.wrap(BYOL(ARCHS[args.arch](in_chans=1)), env, args.compile)
@@ -155,7 +156,7 @@ def bench_training(args, env, data):
             step(x)
     images = args.steps * args.batch_size
     out = {"mode": args.mode, "arch": args.arch, "size": args.size, "batch_size": args.batch_size, "amp": amp,
-           "compile": args.compile, "device": device_name(env.device), "steps": args.steps,
+           "compile": args.compile, "device": training.device_name(env.device), "steps": args.steps,
            "ceiling_images_per_s": images / ceiling.total, "end_to_end_images_per_s": images / total.total}
     out["ratio"] = out["end_to_end_images_per_s"] / out["ceiling_images_per_s"]
     out["host_data_wait_share"] = wait / total.total
@@ -163,13 +164,9 @@ def bench_training(args, env, data):
     return out
 
 
-def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
 def bench_evaluate(args, env, data):
     """volumes/s through the whole evaluation path: read, predict slice by slice, Dice and Hausdorff"""
-    cases = acdc.select(acdc.find_cases(data), "test")
+    cases = acdc.find_cases(data, split="test")
     frames = [f for c in cases for f in c.frames]
     _, model = training.wrap(UNet(in_chans=1, num_classes=4, arch=args.arch), env, args.compile)
     model.eval()
@@ -189,15 +186,14 @@ def bench_evaluate(args, env, data):
             one_volume()
     count = args.steps
     return {"mode": "evaluate", "arch": args.arch, "batch_size": args.batch_size, "amp": amp, "compile": args.compile,
-            "device": device_name(env.device), "volumes": count, "volumes_per_s": count / timer.total}
+            "device": training.device_name(env.device), "volumes": count, "volumes_per_s": count / timer.total}
 
 
 def main(args):
     args.batch_size = args.batch_size or {"pretrain": 128, "segment": 192, "evaluate": 32}[args.mode]
     env = training.setup(args.device)
     torch.manual_seed(args.seed)
-    if env.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    if env.device.type == "cuda":  # (training.setup already turned on cuDNN autotuning, as in training)
         torch.cuda.reset_peak_memory_stats(env.device)
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data

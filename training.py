@@ -350,10 +350,14 @@ def resume(path, kind, model, optimizer, scaler, generator, config, trust=False)
     return ckpt["epoch"], ckpt["step"]
 
 
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def run_config(args, env, **derived):
     """every argument plus the environment and derived numbers, for config.json and the start-up print"""
     return {"args": vars(args), "torch": str(torch.__version__), "device": str(env.device),
-            "device_name": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu",
+            "device_name": device_name(env.device),
             "world_size": env.world_size, "argv": sys.argv, **derived}
 
 
