@@ -1,4 +1,4 @@
-"""Throughput: the compute ceiling and the end-to-end step side by side, in one run.
+"""Throughput: the compute ceiling beside the end-to-end step, in one run.
 
     python bench.py pretrain --batch-size 128 --amp bf16 [--compile]     # BYOL step
     python bench.py segment --batch-size 192 --amp bf16 [--compile]      # U-Net fine-tuning step
@@ -24,7 +24,9 @@ from types import SimpleNamespace
 import torch
 
 import acdc
-import evaluate
+import inference
+import metrics
+import phantom
 import train_pretrain
 import train_segment
 import training
@@ -34,16 +36,19 @@ from unet import UNet
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=training.HelpFormatter)
     p.add_argument("mode", choices=["pretrain", "segment", "evaluate"], help="which path to time")
-    p.add_argument("--data", default="data/acdc-synth", help="ACDC root; a phantom is written to a temporary folder if absent")
-    p.add_argument("--batch-size", type=int, default=None, help="default: the paper's (pretrain 128, segment 192, evaluate 32)")
+    p.add_argument("--data", default="data/acdc-synth",
+                   help="ACDC root; a phantom is written to a temporary folder if absent")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="default: the paper's (pretrain 128, segment 192, evaluate 32)")
     p.add_argument("--size", type=int, default=224, help="crop side (the paper: 224)")
     p.add_argument("--arch", default="resnet50", choices=list(ARCHS), help="encoder")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, cudnn autotuning)")
+    p.add_argument("--warmup", type=int, default=5,
+                   help="untimed steps first (compilation, cudnn autotuning)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--workers", type=int, default=-1, help="loader workers; -1: as the training scripts")
     p.add_argument("--seed", type=int, default=0, help="seed")
@@ -95,7 +100,8 @@ class Stopwatch:
 
 
 def build(args, env, dataset_kind):
-    """-> (inputs(batch on device, generator): the script's augmentation, step(inputs): its training step, amp)"""
+    """-> (inputs(batch on device, generator): the script's augmentation,
+           step(inputs): its training step, amp)"""
     autocast, scaler, amp = training.autocast(env.device, args.amp)
     run = training.Run(args=SimpleNamespace(size=args.size, crop_scale=(0.08, 1.0)), env=env, mean=acdc.MEAN,
                        std=acdc.STD)
@@ -116,7 +122,8 @@ def build(args, env, dataset_kind):
     def step(inputs):
         if dataset_kind == "pretrain":
             return train_pretrain.train_step(model, net, inputs, optimizer, scaler, autocast, tau=0.99)
-        return train_segment.train_step(model, *inputs, optimizer, scaler, autocast, train_segment.jaccard_loss, 5.0)
+        return train_segment.train_step(model, *inputs, optimizer, scaler, autocast,
+                                        train_segment.jaccard_loss, 5.0)
     return inputs, step, amp
 
 
@@ -177,16 +184,18 @@ def bench_evaluate(args, env, data):
         frame = next(frames)
         image = acdc.read_volume(frame.image)
         truth = torch.as_tensor(acdc.read_label(frame.label).data, device=env.device)
-        pred = evaluate.predict_volume(model, image.data, env.device, autocast=autocast, batch_size=args.batch_size)
-        evaluate.score_volume(pred, truth, image.spacing)
+        pred = inference.predict_volume(model, image.data, env.device, autocast=autocast,
+                                        batch_size=args.batch_size)
+        metrics.score_volume(pred, truth, image.spacing)
     for _ in range(args.warmup):
         one_volume()
     with Timer(env.device) as timer:
         for _ in range(args.steps):
             one_volume()
     count = args.steps
-    return {"mode": "evaluate", "arch": args.arch, "batch_size": args.batch_size, "amp": amp, "compile": args.compile,
-            "device": training.device_name(env.device), "volumes": count, "volumes_per_s": count / timer.total}
+    return {"mode": "evaluate", "arch": args.arch, "batch_size": args.batch_size, "amp": amp,
+            "compile": args.compile, "device": training.device_name(env.device), "volumes": count,
+            "volumes_per_s": count / timer.total}
 
 
 def main(args):
@@ -200,8 +209,9 @@ def main(args):
         if not os.path.isdir(data):
             print(f"{data} not found: writing a phantom to a temporary folder")
             data = os.path.join(tmp, "acdc")
-            acdc.write_phantom(data, patients=20, seed=args.seed)
-        result = bench_evaluate(args, env, data) if args.mode == "evaluate" else bench_training(args, env, data)
+            phantom.write_phantom(data, patients=20, seed=args.seed)
+        bench = bench_evaluate if args.mode == "evaluate" else bench_training
+        result = bench(args, env, data)
     result["peak_memory_gb"] = (torch.cuda.max_memory_allocated(env.device) / 2**30
                                 if env.device.type == "cuda" else None)
 
@@ -214,7 +224,8 @@ def main(args):
         print(f"  ceiling (data on device) {result['ceiling_images_per_s']:10.1f} images/s")
         print(f"  end to end               {result['end_to_end_images_per_s']:10.1f} images/s")
         print(f"  ratio                    {result['ratio']:10.3f}")
-        print(f"  host waiting for data    {100 * result['host_data_wait_share']:9.1f} % of the end-to-end time")
+        share = 100 * result["host_data_wait_share"]
+        print(f"  host waiting for data    {share:9.1f} % of the end-to-end time")
         print(f"  augmentation             {100 * result['augment_share']:9.1f} %")
     if result["peak_memory_gb"] is not None:
         print(f"  peak device memory       {result['peak_memory_gb']:10.2f} GB")

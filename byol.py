@@ -1,7 +1,9 @@
-"""BYOL as the paper configured it (solo-learn's BYOL): online and target networks, the loss,
-the cosine tau schedule, LARS, and the augmentations, batched on the training device.
+"""BYOL as the paper configured it (solo-learn's): the method, its LARS optimiser, its on-device views.
 
-    model = BYOL(resnet50(in_chans=1))                           # paper sizes: 2048 -> 4096 -> 256 -> 8192 -> 256
+Online and target networks, the loss, the cosine tau schedule, LARS, and the augmentations,
+batched on the training device:
+
+    model = BYOL(resnet50(in_chans=1))                  # paper sizes: 2048 -> 4096 -> 256 -> 8192 -> 256
     optimizer = LARS(lars_param_groups(model, 1e-5), lr=lr)
     v1 = augment(x, sizes, gen, acdc.MEAN, acdc.STD)             # (B, 1, H, W) raw -> (B, 1, 224, 224)
     v2 = augment(x, sizes, gen, acdc.MEAN, acdc.STD)
@@ -76,7 +78,8 @@ class BYOL(nn.Module):
         return net(a), net(b)                                  # BN statistics per view (solo-learn)
 
     def forward(self, view1, view2):
-        """two (B, 1, H, W) views of the same images -> (scalar loss, (B, 256) online projection of view1, detached)"""
+        """two (B, 1, H, W) views of the same images
+        -> (scalar loss, (B, 256) online projection of view1, detached)"""
         z1, z2 = self._both_views(self._online, view1, view2)         # (B, 256) each
         p1, p2 = self._both_views(self.predictor, z1, z2)             # (B, 256) each
         with torch.no_grad():
@@ -132,10 +135,11 @@ class LARS(torch.optim.Optimizer):
             lr, wd = group["lr"], group["weight_decay"]
             # one trust ratio per tensor, computed on the device for all tensors at once (no host syncs)
             key = tuple(map(id, params))
-            if key not in self._adapt:  # built once: a tensor made from a list each step would wait for the GPU
-                self._adapt[key] = torch.tensor(
-                    [not (group["lars_exclude"] or (group["exclude_bias_n_norm"] and p.ndim <= 1)) for p in params],
-                    device=params[0].device)
+            # built once: a tensor made from a list each step would wait for the GPU
+            if key not in self._adapt:
+                excluded = [group["lars_exclude"] or (group["exclude_bias_n_norm"] and p.ndim <= 1)
+                            for p in params]
+                self._adapt[key] = ~torch.tensor(excluded, device=params[0].device)
             w_norm = torch.stack(torch._foreach_norm(params))              # (N,)
             g_norm = torch.stack(torch._foreach_norm(grads))               # (N,)
             adapt = self._adapt[key] & (w_norm > 0) & (g_norm > 0)
@@ -159,7 +163,8 @@ class LARS(torch.optim.Optimizer):
 
 
 def lars_param_groups(model, weight_decay):
-    """weights (adapted, decayed) and 1-D tensors (biases, norm weights: lars_exclude); the frozen target is left out"""
+    """weights (adapted, decayed) and 1-D tensors (biases, norm weights: lars_exclude); the frozen
+    target is left out"""
     weights = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     others = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     return [{"params": weights, "weight_decay": weight_decay},
@@ -185,7 +190,7 @@ def random_crop_boxes(sizes, generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
     first = fits.float().argmax(1, keepdim=True)                                    # first fitting attempt
     cw, ch = cw.gather(1, first)[:, 0], ch.gather(1, first)[:, 0]
     uy, ux = u[..., 2].gather(1, first)[:, 0], u[..., 3].gather(1, first)[:, 0]
-    y0 = torch.minimum(torch.floor(uy * (h - ch + 1)), h - ch)                      # uniform offset in the image
+    y0 = torch.minimum(torch.floor(uy * (h - ch + 1)), h - ch)                      # uniform offset
     x0 = torch.minimum(torch.floor(ux * (w - cw + 1)), w - cw)
     # fallback (torchvision's): whole image, cut to the nearest allowed aspect ratio, centered
     in_ratio = w / h
@@ -207,7 +212,8 @@ def augment(images, sizes, generator, mean, std, out_size=224, scale=(0.08, 1.0)
     """(B, 1, H, W) raw intensities, zero padded at bottom/right, (B, 2) true (h, w)
     -> (B, 1, out_size, out_size) float32 normalised [, (B, out_size, out_size) int64 labels].
 
-    Random resized crop (inside the true h x w) -> horizontal flip -> brightness/contrast jitter -> (x - mean) / std.
+    Random resized crop (inside the true h x w) -> horizontal flip -> brightness/contrast jitter
+    -> (x - mean) / std.
     The jitter follows torchvision's ColorJitter on raw intensities; the paper's albumentations
     RandomBrightnessContrast on uint16 images added up to 20% of 65535, blanking many views: not copied.
     Defaults are the paper's pretraining views (augmentations/acdc.yaml: crop 224, scale 0.08-1,
@@ -237,7 +243,8 @@ def augment(images, sizes, generator, mean, std, out_size=224, scale=(0.08, 1.0)
     gx = (2 * xs + 1) / W - 1
     gy = (2 * ys + 1) / H - 1
     S = out_size
-    grid = torch.stack([gx[:, None, :].expand(B, S, S), gy[:, :, None].expand(B, S, S)], dim=-1)  # (B, S, S, 2) as (x, y)
+    # (B, S, S, 2) as (x, y)
+    grid = torch.stack([gx[:, None, :].expand(B, S, S), gy[:, :, None].expand(B, S, S)], dim=-1)
     x = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     # brightness then contrast, torchvision's formulas on raw intensities: x * b, then blend with the
@@ -252,5 +259,6 @@ def augment(images, sizes, generator, mean, std, out_size=224, scale=(0.08, 1.0)
     if labels is None:
         return x
     # labels: the same grid (same boxes, same flips), nearest neighbour
-    y = F.grid_sample(labels[:, None].float(), grid, mode="nearest", padding_mode="border", align_corners=False)
+    y = F.grid_sample(labels[:, None].float(), grid, mode="nearest", padding_mode="border",
+                      align_corners=False)
     return x, y[:, 0].round().long()                                             # (B, S, S)

@@ -1,4 +1,4 @@
-"""BYOL pretraining of a ResNet encoder on the cine slices of ACDC (the paper's self-supervised step).
+"""BYOL pretraining of a ResNet on ACDC's cine slices (the paper's self-supervised step).
 
     python train_pretrain.py --data data/acdc-synth --out runs/byol            # one device
     torchrun --nproc_per_node=4 train_pretrain.py --data DIR --out runs/byol   # DDP
@@ -18,28 +18,35 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import acdc
+import files
+import run_folder
 import training
 from byol import BYOL, LARS, augment, lars_param_groups, tau_at
-from resnet import ARCHS, load_backbone
+from checkpoints import load_backbone
+from resnet import ARCHS
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    number = training.number
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=training.HelpFormatter)
     # the paper's settings (solo-learn's BYOL on ACDC): 400 epochs from scratch, batch 128 per device
-    training.add_common_args(p, epochs=400, batch_size=128)
+    training.add_common_args(p, out="runs/pretrain", epochs=400, batch_size=128)
     p.add_argument("--init", default="none",
-                   help="'none' (the paper's BYOL ACDC) or a backbone checkpoint to start from, e.g. ImageNet weights "
-                        "(the paper's hierarchical strategies then trained 25 epochs on ACDC)")
-    p.add_argument("--lr", type=float, default=0.5, help="LARS base learning rate, scaled by global batch / 256 (paper: 0.5)")
-    p.add_argument("--weight-decay", type=float, default=1e-5, help="LARS weight decay (paper: 1e-5)")
-    p.add_argument("--warmup-epochs", type=int, default=10, help="linear warmup epochs (paper: 10)")
-    p.add_argument("--tau-base", type=float, default=0.99, help="starting target momentum (paper: 0.99, to 1.0)")
+                   help="'none' (the paper's BYOL ACDC) or a backbone checkpoint to start from, e.g. ImageNet "
+                        "weights (the paper's hierarchical strategies then trained 25 epochs on ACDC)")
+    p.add_argument("--lr", type=number(float, above=0), default=0.5,
+                   help="LARS base learning rate, scaled by global batch / 256 (paper: 0.5)")
+    p.add_argument("--weight-decay", type=number(float, 0), default=1e-5, help="LARS weight decay (paper: 1e-5)")
+    p.add_argument("--warmup-epochs", type=number(int, 0), default=10, help="linear warmup epochs (paper: 10)")
+    p.add_argument("--tau-base", type=number(float, 0, 1), default=0.99,
+                   help="starting target momentum (paper: 0.99, to 1.0)")
     p.add_argument("--split", default="train", choices=["train", "train+val", "all"],
                    help="whose cine frames to pretrain on (the paper: the train patients only)")
     p.add_argument("--save-backbone-epochs", default="",
                    help="comma-separated epochs at which to keep a copy backbone_epNNN.pth (e.g. 5,10,25,50,100)")
-    p.add_argument("--collapse-threshold", type=float, default=0.01,
-                   help="warn when the std of the normalised projections falls below this (healthy: ~1/sqrt(256)=0.0625)")
+    p.add_argument("--collapse-threshold", type=number(float, 0), default=0.01,
+                   help="warn when the std of the normalised projections falls below this "
+                        "(healthy: ~1/sqrt(256)=0.0625)")
     return p.parse_args(argv)
 
 
@@ -96,7 +103,7 @@ def train_one_epoch(model, byol, loader, optimizer, scaler, autocast, generator,
                       "proj_std": spread, "images_per_s": speed}
             if env.main:
                 bar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{lr:.3g}", tau=f"{tau:.4f}", img_s=f"{speed:.0f}")
-                training.append_jsonl(run.log, record)
+                run_folder.append_jsonl(run.log, record)
                 if spread < args.collapse_threshold:
                     tqdm.write(f"warning: projections collapsing (std {spread:.4f} < {args.collapse_threshold}) "
                                f"at epoch {epoch}, step {run.step}")
@@ -110,16 +117,16 @@ def train_one_epoch(model, byol, loader, optimizer, scaler, autocast, generator,
 def save(run, byol, optimizer, scaler, generator, epoch):
     """checkpoint.pt for resuming exactly, and backbone.pth in the paper's form (the target backbone);
     every rank calls it (the ranks' random states are gathered), rank 0 writes"""
-    training.save_checkpoint(os.path.join(run.args.out, "checkpoint.pt"), "byol", byol, optimizer, scaler,
+    run_folder.save_checkpoint(os.path.join(run.args.out, "checkpoint.pt"), "byol", byol, optimizer, scaler,
                              generator, epoch, run.step, config=run.config, arch=run.args.arch, in_chans=1,
                              mean=run.mean, std=run.std)
     if run.env.main:
-        training.save_atomic(byol.target_backbone.state_dict(), os.path.join(run.args.out, "backbone.pth"))
+        run_folder.save_atomic(byol.target_backbone.state_dict(), os.path.join(run.args.out, "backbone.pth"))
 
 
 def main(args):
     # -------------------------------------------------------------------- distributed and AMP set-up
-    env, resume, autocast, scaler, amp = training.start(args, default_out="runs/pretrain")
+    env, resume, autocast, scaler, amp = training.start(args)
 
     # -------------------------------------------------------------------- data
     splits = {"train": ["train"], "train+val": ["train", "val"], "all": ["train", "val", "test"]}[args.split]
@@ -150,7 +157,7 @@ def main(args):
     # -------------------------------------------------------------------- resume
     start_epoch = 0
     if resume:
-        start_epoch, run.step = training.resume(resume, "byol", byol, optimizer, scaler, generator, run.config,
+        start_epoch, run.step = run_folder.resume(resume, "byol", byol, optimizer, scaler, generator, run.config,
                                                 trust=args.trust_checkpoint)
         if env.main:
             print(f"resumed from {resume}: epoch {start_epoch}, step {run.step}")
@@ -159,7 +166,7 @@ def main(args):
         print(f"BYOL pretraining: {args.arch}, {len(dataset)} unlabelled slices, {env.world_size} process(es), "
               f"global batch {global_batch}, lr {lr:.4g}, {run.total_steps} steps, amp {amp}, device {env.device}")
         training.print_config(run.config)
-        training.write_json(os.path.join(args.out, "config.json"), run.config)
+        files.write_json(os.path.join(args.out, "config.json"), run.config)
     keep = {int(e) for e in args.save_backbone_epochs.split(",") if e.strip()}
 
     # -------------------------------------------------------------------- loop
@@ -176,12 +183,12 @@ def main(args):
             sys.exit(1)
         done = run.step == (epoch + 1) * steps_per_epoch  # the epoch ran to its end
         if done and env.main:
-            training.append_jsonl(run.log, stats)
+            run_folder.append_jsonl(run.log, stats)
             print(f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['images_per_s']:.0f} images/s")
         if run.stopped or (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
             save(run, byol, optimizer, scaler, generator, epoch + done)
         if done and epoch + 1 in keep and env.main:
-            training.save_atomic(byol.target_backbone.state_dict(),
+            run_folder.save_atomic(byol.target_backbone.state_dict(),
                                  os.path.join(args.out, f"backbone_ep{epoch + 1:03d}.pth"))
         if run.stopped:
             if env.main:

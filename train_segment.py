@@ -4,7 +4,7 @@
     python train_segment.py --weights byol_acdc_backbone_last.pth --label-fraction 0.1 --seed 1 ...
     torchrun --nproc_per_node=4 train_segment.py ...
 
---weights takes any backbone checkpoint resnet.py reads (every published format, this project's
+--weights takes any backbone checkpoint checkpoints.py reads (every published format, this project's
 backbone.pth and checkpoint.pt), a full segmentation checkpoint (this project's best.pt or the
 paper's fine-tuned Lightning .ckpt), or none. Writes RUN/config.json, RUN/log.jsonl,
 RUN/checkpoint.pt (resumable: --resume auto) and RUN/best.pt (best validation IoU), which
@@ -20,37 +20,46 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import acdc
+import files
+import run_folder
 import training
 from byol import augment
-from evaluate import confusion, predict_slices
-from resnet import load_backbone, read_checkpoint
-from resnet import unwrap as unwrap_checkpoint
-from unet import UNet, load_segmentation
+from checkpoints import load_weights, read_checkpoint
+from inference import predict_slices
+from metrics import confusion
+from unet import UNet
 
 CLASSES = ["background", "RV", "MYO", "LV"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # the paper's settings: 150 epochs, batch 192
-    training.add_common_args(p, epochs=150, batch_size=192)
-    p.add_argument("--weights", default="none", help="'none', a backbone checkpoint or a segmentation checkpoint")
-    p.add_argument("--label-fraction", type=float, default=1.0,
+    number = training.number
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=training.HelpFormatter)
+    # the paper's settings: 150 epochs, batch 192; crops a multiple of 32, the U-Net's stride
+    training.add_common_args(p, out="runs/segment", epochs=150, batch_size=192, size_multiple=32)
+    p.add_argument("--weights", default="none",
+                   help="'none', a backbone checkpoint or a segmentation checkpoint")
+    p.add_argument("--label-fraction", type=number(float, high=1, above=0), default=1.0,
                    help="fraction of the train slices to use, sampled with --seed, oversampled to a full epoch")
     p.add_argument("--loss", default="jaccard", choices=["jaccard", "dice", "ce+dice"],
                    help="the paper: multiclass soft Jaccard")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (paper: 1e-4)")
-    p.add_argument("--start-lr", type=float, default=1e-6, help="learning rate at the start of the warmup (paper: 1e-6)")
-    p.add_argument("--warmup-epochs", type=int, default=10, help="linear warmup epochs (paper: 10)")
-    p.add_argument("--clip", type=float, default=5.0, help="gradient norm clipping (paper: 5)")
-    p.add_argument("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
+    p.add_argument("--lr", type=number(float, above=0), default=1e-4, help="Adam learning rate (paper: 1e-4)")
+    p.add_argument("--start-lr", type=number(float, 0), default=1e-6,
+                   help="learning rate at the start of the warmup (paper: 1e-6)")
+    p.add_argument("--warmup-epochs", type=number(int, 0), default=10, help="linear warmup epochs (paper: 10)")
+    p.add_argument("--clip", type=number(float, above=0), default=5.0, help="gradient norm clipping (paper: 5)")
+    p.add_argument("--crop-scale", type=number(float, high=1, above=0), nargs=2, default=(0.08, 1.0),
+                   metavar=("MIN", "MAX"),
                    help="area range of the random resized crops (paper: 0.08 1.0); short runs learn faster "
                         "from larger crops, which also match the whole-slice scale of validation better")
-    p.add_argument("--freeze-encoder-epochs", type=int, default=0,
+    p.add_argument("--freeze-encoder-epochs", type=number(int, 0), default=0,
                    help="keep the encoder's weights fixed (learning rate 0) for the first N epochs")
-    p.add_argument("--val-every", type=int, default=1, help="validate every N epochs (and at the end)")
-    p.add_argument("--val-batch-size", type=int, default=32, help="slices per validation batch")
-    return p.parse_args(argv)
+    p.add_argument("--val-every", type=number(int, 1), default=1, help="validate every N epochs (and at the end)")
+    p.add_argument("--val-batch-size", type=number(int, 1), default=32, help="slices per validation batch")
+    args = p.parse_args(argv)
+    if args.crop_scale[0] > args.crop_scale[1]:
+        p.error(f"argument --crop-scale: {args.crop_scale[0]} {args.crop_scale[1]}: expected MIN <= MAX")
+    return args
 
 
 # -----------------------------------------------------------------------------
@@ -90,8 +99,9 @@ LOSSES = {"jaccard": jaccard_loss, "dice": dice_loss,
 def make_inputs(batch, generator, run):
     """image and mask cropped and flipped together on the device: (B, 1, H, W) -> (B, 1, size, size)"""
     with torch.no_grad():
+        # the paper's fine-tuning views: jitter with p=0.2
         images, labels = augment(batch["image"], batch["size"], generator, run.mean, run.std,
-                                 out_size=run.args.size, scale=tuple(run.args.crop_scale), jitter_p=0.2,  # paper: jitter p=0.2
+                                 out_size=run.args.size, scale=tuple(run.args.crop_scale), jitter_p=0.2,
                                  labels=batch["label"])
     images = images.contiguous(memory_format=torch.channels_last)
     return images, labels
@@ -136,7 +146,7 @@ def train_one_epoch(model, loader, optimizer, scaler, autocast, generator, healt
             speed = seen / (time.perf_counter() - t0)
             if env.main:
                 bar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{lr:.3g}", iou=f"{run.best:.3f}", img_s=f"{speed:.0f}")
-                training.append_jsonl(run.log, {"epoch": epoch, "step": run.step, "loss": loss_now, "lr": lr,
+                run_folder.append_jsonl(run.log, {"epoch": epoch, "step": run.step, "loss": loss_now, "lr": lr,
                                                 "images_per_s": speed})
             if stop:
                 run.stopped = True
@@ -180,22 +190,9 @@ def adam(net, lr, device):
     return torch.optim.Adam(groups, lr=lr, **({"fused": True} if device.type == "cuda" else {"foreach": True}))
 
 
-def load_weights(model, path, arch, trust):
-    """a segmentation checkpoint (one with a segmentation head) continues the whole U-Net; any other
-    initialises the encoder"""
-    state = read_checkpoint(path, trust=trust)
-    if "segmentation_head.0.weight" in unwrap_checkpoint(state)[1]:
-        model.load_state_dict(load_segmentation(state))
-        return f"the whole U-Net from {path}"
-    model.encoder.load_state_dict(load_backbone(state, in_chans=1, arch=arch))
-    return f"the encoder from {path}; decoder and head start from random weights"
-
-
 def main(args):
     # -------------------------------------------------------------------- distributed and AMP set-up
-    if not 0 < args.label_fraction <= 1:
-        sys.exit(f"--label-fraction {args.label_fraction}: expected a fraction in (0, 1]")
-    env, resume, autocast, scaler, amp = training.start(args, default_out="runs/segment")
+    env, resume, autocast, scaler, amp = training.start(args)
 
     # -------------------------------------------------------------------- data
     with training.main_first(env):
@@ -209,7 +206,7 @@ def main(args):
     net = UNet(in_chans=1, num_classes=len(CLASSES), arch=args.arch)
     loaded = "nothing (random initialisation)"
     if args.weights != "none":
-        loaded = load_weights(net, args.weights, args.arch, args.trust_checkpoint)
+        loaded = load_weights(net, args.weights, args.trust_checkpoint)
     net, model = training.wrap(net, env, args.compile)  # net: the plain module, for checkpoints and validation
 
     # -------------------------------------------------------------------- optimizer and schedule
@@ -229,7 +226,7 @@ def main(args):
     # -------------------------------------------------------------------- resume
     start_epoch = 0
     if resume:
-        start_epoch, run.step = training.resume(resume, "segmentation", net, optimizer, scaler, generator,
+        start_epoch, run.step = run_folder.resume(resume, "segmentation", net, optimizer, scaler, generator,
                                                 run.config, trust=args.trust_checkpoint)
         best = os.path.join(args.out, "best.pt")
         if os.path.exists(best):
@@ -243,7 +240,7 @@ def main(args):
               f"(label fraction {args.label_fraction}), {len(val_set)} validation slices, global batch "
               f"{args.batch_size * env.world_size}, {run.total_steps} steps, amp {amp}, device {env.device}")
         training.print_config(run.config)
-        training.write_json(os.path.join(args.out, "config.json"), run.config)
+        files.write_json(os.path.join(args.out, "config.json"), run.config)
 
     # -------------------------------------------------------------------- loop
     health = training.Health(env.device)
@@ -262,15 +259,15 @@ def main(args):
             stats.update(validate(net, val_set, run))
             if env.main and stats["val_iou"] > run.best:
                 run.best, run.best_epoch = stats["val_iou"], epoch
-                training.save_atomic({"kind": "segmentation", "model": net.state_dict(), "epoch": epoch,
+                run_folder.save_atomic({"kind": "segmentation", "model": net.state_dict(), "epoch": epoch,
                                       "val": stats, **meta}, os.path.join(args.out, "best.pt"))
         if done and env.main:
-            training.append_jsonl(run.log, stats)
+            run_folder.append_jsonl(run.log, stats)
             val = (f", val IoU {stats['val_iou']:.4f} (RV {stats['val_iou_RV']:.3f}, MYO {stats['val_iou_MYO']:.3f}, "
                    f"LV {stats['val_iou_LV']:.3f})" if "val_iou" in stats else "")
             print(f"epoch {epoch}: loss {stats['loss']:.4f}{val}, {stats['images_per_s']:.0f} images/s")
         if run.stopped or (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-            training.save_checkpoint(os.path.join(args.out, "checkpoint.pt"), "segmentation", net, optimizer,
+            run_folder.save_checkpoint(os.path.join(args.out, "checkpoint.pt"), "segmentation", net, optimizer,
                                      scaler, generator, epoch + done, run.step, **meta)
         if run.stopped:
             if env.main:

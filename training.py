@@ -1,17 +1,19 @@
-"""Plumbing that both training scripts share: the command-line flags they have in common,
-DDP set-up and tear-down, mixed precision, the warmup-cosine schedule, the data loader,
-atomic checkpoints and exact resume, graceful stop on a signal, logging.
+"""The plumbing both training scripts share: common flags, DDP, mixed precision, schedule, loader, faults.
+
+In detail: the command-line flags they have in common, DDP set-up and tear-down, mixed precision,
+the warmup-cosine schedule, the data loader, graceful stop on a signal, and the health checks that
+stop a run on a non-finite loss. The run folder (its files, checkpoints and exact resume) is
+run_folder.py's.
 
 Plain functions, not a framework: train_pretrain.py and train_segment.py call them in the
 order they read (arguments -> distributed and AMP -> data -> model -> optimizer -> resume ->
 loop -> save -> tear-down). Nothing here is run on its own.
 """
+import argparse
 import contextlib
 import itertools
-import json
 import math
 import os
-import random
 import signal
 import sys
 import time
@@ -21,41 +23,78 @@ import torch
 import torch.distributed as dist
 
 import acdc
-from resnet import CheckpointError, read_checkpoint
+import run_folder
+from checkpoints import CheckpointError
 
 
 # -----------------------------------------------------------------------------
 # command line
 
-def add_common_args(parser, *, epochs, batch_size, size=224):
-    """the flags both scripts share, with the same names (DESIGN.md)"""
-    p = parser
-    p.add_argument("--data", default="data/acdc-synth", help="ACDC root (training/, testing/ or a folder holding them)")
-    p.add_argument("--out", default=None, help="run folder for config.json, log.jsonl and checkpoints")
-    p.add_argument("--epochs", type=int, default=epochs, help="epochs to train")
-    p.add_argument("--batch-size", type=int, default=batch_size, help="slices per device per step")
-    p.add_argument("--arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50"],
-                   help="encoder (the paper: resnet50; 18/34 for quick runs)")
-    p.add_argument("--size", type=int, default=size, help="side of the random resized crops (the paper: 224)")
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows the script's docstring as written and the default of every flag"""
+
+
+def number(kind, low=None, high=None, above=None, multiple=None):
+    """an argparse type: an int or a finite float in a range (>= low, <= high, > above, a multiple of
+    `multiple`); a value outside it is refused at parse time with the range in the message"""
+    name = "an integer" if kind is int else "a number"
+    bounds = [f"{sign} {v:g}" for sign, v in ((">=", low), (">", above), ("<=", high)) if v is not None]
+    expected = name + (" " + " and ".join(bounds) if bounds else "")
+    expected += f", a multiple of {multiple}" if multiple else ""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}") from None
+        if (not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high)
+                or (above is not None and value <= above) or (multiple and value % multiple)):
+            raise argparse.ArgumentTypeError(f"{text}: expected {expected}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
+
+
+def add_device_args(p):
+    """--device, --amp, --compile, --trust-checkpoint: how any script runs a model"""
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: the local rank's GPU)")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                    help="mixed precision; auto: bf16 on a GPU that supports it, fp16 on other GPUs, off on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: the local rank's GPU)")
-    p.add_argument("--workers", type=int, default=-1,
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow full unpickling of checkpoints that hold more than tensors (runs code from the file)")
+
+
+def add_common_args(parser, *, out, epochs, batch_size, size=224, size_multiple=None):
+    """the flags both training scripts share, with the same names"""
+    p = parser
+    p.add_argument("--data", default="data/acdc-synth",
+                   help="ACDC root (training/, testing/ or a folder holding them); the default is the phantom")
+    p.add_argument("--out", default=out, help="run folder for config.json, log.jsonl and checkpoints")
+    p.add_argument("--epochs", type=number(int, 1), default=epochs, help="epochs to train")
+    p.add_argument("--batch-size", type=number(int, 1), default=batch_size, help="slices per device per step")
+    p.add_argument("--arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50"],
+                   help="encoder (the paper: resnet50; 18/34 for quick runs)")
+    p.add_argument("--size", type=number(int, 32, multiple=size_multiple), default=size,
+                   help="side of the random resized crops (the paper: 224)")
+    add_device_args(p)
+    p.add_argument("--workers", type=number(int, -1), default=-1,
                    help="data loader workers per process; -1: CPU cores / processes on this node, at most 8")
-    p.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order and augmentation")
-    p.add_argument("--resume", default=None, help="RUN/checkpoint.pt to continue from, or 'auto' (the --out run's, if any)")
+    p.add_argument("--seed", type=number(int, 0), default=0, help="seed for initialisation, data order, augmentation")
+    p.add_argument("--resume", default=None,
+                   help="RUN/checkpoint.pt to continue from, or 'auto' (the --out run's, if any)")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an --out folder that holds another run")
-    p.add_argument("--save-every", type=int, default=1, help="write checkpoint.pt every N epochs (and at the end)")
-    p.add_argument("--log-every", type=int, default=20, help="steps between progress updates and log.jsonl lines")
-    p.add_argument("--stop-after", type=int, default=0,
-                   help="stop after N steps in this invocation, writing checkpoint.pt (for time-limited jobs); 0: never")
+    p.add_argument("--save-every", type=number(int, 1), default=1,
+                   help="write checkpoint.pt every N epochs (and at the end)")
+    p.add_argument("--log-every", type=number(int, 1), default=20,
+                   help="steps between progress updates and log.jsonl lines")
+    p.add_argument("--stop-after", type=number(int, 0), default=0,
+                   help="stop after N steps in this invocation, writing checkpoint.pt (for time-limited jobs); "
+                        "0: never")
     p.add_argument("--cache", default=None, help="folder for decoded slices (default: acdc.py's)")
     p.add_argument("--norm", default="published", choices=["published", "data"],
                    help="input normalisation: the published models' ACDC statistics (mean 67.27, std 84.66), or "
                         "those of --data's labelled train slices; pretraining and fine-tuning should use the same")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow full unpickling of checkpoints that hold more than tensors (runs code from the file)")
     return p
 
 
@@ -64,15 +103,14 @@ def normalisation(args):
     return (acdc.MEAN, acdc.STD) if args.norm == "published" else acdc.intensity_stats(args.data, args.cache)
 
 
-def start(args, default_out):
+def start(args):
     """the set-up both scripts open with -> (env, checkpoint to resume or None, autocast, scaler, amp).
     A missing or empty data root fails here, with acdc.py's message, before any process group."""
-    args.out = args.out or default_out
     try:
         acdc.find_cases(args.data)
     except acdc.DatasetError as e:
         sys.exit(f"--data: {e}")
-    resume = prepare_run(args.out, args.resume, args.overwrite)
+    resume = run_folder.prepare_run(args.out, args.resume, args.overwrite)
     env = setup(args.device)
     torch.manual_seed(args.seed)
     return (env, resume, *autocast(env.device, args.amp))
@@ -141,12 +179,6 @@ def main_first(env):
     yield
     if env.main and dist.is_initialized():
         dist.barrier()
-
-
-def unwrap(model):
-    """the plain module under DDP (.module) and torch.compile (._orig_mod): checkpoints hold this one"""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
 
 
 class Run:
@@ -256,100 +288,6 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-# -----------------------------------------------------------------------------
-# run folder, atomic writes, checkpoints and exact resume
-
-def prepare_run(out, resume, overwrite):
-    """-> the checkpoint to resume from, or None. A folder that holds another run is never
-    overwritten silently. Every rank calls this before the process group exists (rank 0 writes
-    nothing until all ranks have joined it), so all of them take the same decision."""
-    os.makedirs(out, exist_ok=True)
-    mine = os.path.join(out, "checkpoint.pt")
-    if resume == "auto":
-        return mine if os.path.exists(mine) else None
-    if resume:
-        if not os.path.exists(resume):
-            sys.exit(f"--resume {resume}: file not found")
-        return resume
-    taken = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
-    if taken and not overwrite:
-        sys.exit(f"--out {out} holds another run ({', '.join(taken)}): pass --resume auto to continue it, "
-                 f"--overwrite to start afresh, or choose another --out")
-    if int(os.environ.get("RANK", 0)) == 0:  # --overwrite: nothing of the old run may be resumed or kept as best
-        for f in taken + [f for f in os.listdir(out) if f.startswith("backbone_ep")]:
-            os.remove(os.path.join(out, f))
-    return None
-
-
-RUN_FILES = ("checkpoint.pt", "config.json", "log.jsonl", "best.pt", "backbone.pth")
-
-
-def save_atomic(obj, path):
-    acdc.write_atomic(path, lambda tmp: torch.save(obj, tmp))
-
-
-def write_json(path, obj):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-    acdc.write_atomic(path, write)
-
-
-def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def rng_state(generator):
-    """every random state a step depends on, as tensors and plain values (weights_only loads it);
-    the augmentation streams of all ranks (each rank has its own), so every rank resumes its own"""
-    streams = [generator.get_state()]
-    if dist.is_initialized():
-        streams = [None] * dist.get_world_size()
-        dist.all_gather_object(streams, generator.get_state())  # a collective: every rank calls rng_state
-    state = {"python": list(random.getstate()[1]), "torch": torch.get_rng_state(), "augment": streams}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state, generator, rank):
-    random.setstate((3, tuple(state["python"]), None))
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["augment"][rank])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path, kind, model, optimizer, scaler, generator, epoch, step, **extra):
-    """everything needed to continue exactly: unwrapped model, optimizer, scaler, counters, RNG states.
-    Every rank calls it (the RNG states are gathered); rank 0 writes."""
-    rng = rng_state(generator)
-    if int(os.environ.get("RANK", 0)) == 0:
-        save_atomic({"kind": kind, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "rng": rng, **extra}, path)
-
-
-def resume(path, kind, model, optimizer, scaler, generator, config, trust=False):
-    """load a checkpoint written by save_checkpoint into a run of the same shape; -> (epoch, step)"""
-    ckpt = read_checkpoint(path, trust=trust)
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
-        sys.exit(f"--resume {path}: not a {kind} checkpoint of this project")
-    # the batches an epoch holds and their order must be the same, or the run would not continue exactly
-    for key in ("world_size", "steps_per_epoch", "global_batch"):
-        if ckpt["config"][key] != config[key]:
-            sys.exit(f"--resume {path}: {key} was {ckpt['config'][key]}, now {config[key]}; resume with "
-                     f"the same processes, --batch-size and data")
-    if ckpt["config"]["args"]["seed"] != config["args"]["seed"]:
-        sys.exit(f"--resume {path}: --seed was {ckpt['config']['args']['seed']}, now {config['args']['seed']}")
-    unwrap(model).load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt["scaler"] and scaler.is_enabled():  # empty when the run was not fp16
-        scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"], generator, dist.get_rank() if dist.is_initialized() else 0)
-    return ckpt["epoch"], ckpt["step"]
-
-
 def device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
@@ -408,6 +346,7 @@ class Health:
             raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {int(flags[0])}: stopping; "
                                      f"the last good checkpoint.pt is kept")
         if scaler.is_enabled() and scaler.get_scale() < self.MIN_SCALE:
-            raise FloatingPointError(f"fp16 loss scale collapsed to {scaler.get_scale():.3g} at epoch {epoch}: the "
-                                     f"grad scaler skipped many steps in a row; try --amp bf16 or a lower learning rate")
+            raise FloatingPointError(f"fp16 loss scale collapsed to {scaler.get_scale():.3g} at epoch {epoch}: "
+                                     f"the grad scaler skipped many steps in a row; try --amp bf16 or a lower "
+                                     f"learning rate")
         return loss.item(), bool(flags[1] > 0)

@@ -1,27 +1,23 @@
-"""The U-Net of the paper: a ResNet encoder, a five-block decoder and a 3x3 conv head, with the
-layout of segmentation_models_pytorch's `Unet("tu-resnet50")` at its default settings, so the
+"""The paper's U-Net: a ResNet encoder, a five-block decoder, a 3x3 conv head.
+
+The layout is segmentation_models_pytorch's `Unet("tu-resnet50")` at its default settings, so the
 paper's fine-tuned checkpoints load into it.
 
     model = UNet(in_chans=1, num_classes=4)            # background, RV, MYO, LV
-    x, hw = pad_to(image, 32)                          # (B, 1, H, W) -> (B, 1, H', W'), multiples of 32
-    logits = crop_to(model(x), hw)                     # (B, 4, H, W)
-    model.load_state_dict(load_segmentation("RUN/best.pt"))
+    logits = model(x)                                  # (B, 1, H, W) -> (B, 4, H, W), H and W multiples of 32
+    model.load_state_dict(checkpoints.load_segmentation("RUN/best.pt"))
+
+inference.py pads whole slices to multiples of 32 and crops the logits back.
 
 The tensor names are SMP's without the Lightning module's `model.` and timm's `encoder.model.`:
 `encoder.<ResNet key>`, `decoder.blocks.{0..4}.conv{1,2}.{0,1}.*`, `segmentation_head.0.*`.
 """
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import resnet
-from resnet import CheckpointError
 
-
-# -----------------------------------------------------------------------------
-# the network
 
 def conv_bn_relu(in_ch, out_ch):
     # no conv bias: the BatchNorm right after it has one (SMP's Conv2dReLU)
@@ -67,6 +63,7 @@ class Decoder(nn.Module):
 class UNet(nn.Module):
     def __init__(self, in_chans=1, num_classes=4, arch="resnet50"):
         super().__init__()
+        self.arch = arch
         self.encoder = resnet.ARCHS[arch](in_chans)
         self.decoder = Decoder(self.encoder.feature_channels)
         self.segmentation_head = nn.Sequential(nn.Conv2d(16, num_classes, 3, padding=1))
@@ -84,56 +81,5 @@ class UNet(nn.Module):
         # (B, C, H, W) -> (B, num_classes, H, W) logits
         if x.shape[-2] % 32 or x.shape[-1] % 32:
             raise ValueError(f"UNet needs height and width that are multiples of 32 (the encoder's "
-                             f"stride), got {tuple(x.shape[-2:])}: pad with pad_to(x, 32) first")
+                             f"stride), got {tuple(x.shape[-2:])}: pad with inference.pad_to(x, 32) first")
         return self.segmentation_head(self.decoder(self.encoder.features(x)))
-
-
-def pad_to(x, multiple=32, min_size=0):
-    """(..., h, w) -> ((..., H, W) zero-padded at the bottom and right, (h, w)), where H and W are
-    the smallest multiples of `multiple` that are >= the image and >= min_size. The image stays
-    at the top-left corner, as in the paper's evaluation."""
-    h, w = x.shape[-2:]
-    H = math.ceil(max(h, min_size) / multiple) * multiple
-    W = math.ceil(max(w, min_size) / multiple) * multiple
-    return F.pad(x, (0, W - w, 0, H - h)), (h, w)
-
-
-def crop_to(logits, hw):
-    """undo pad_to: (..., H, W) -> (..., h, w)"""
-    h, w = hw
-    return logits[..., :h, :w]
-
-
-# -----------------------------------------------------------------------------
-# loading segmentation checkpoints
-
-def unet_args(state):
-    """the UNet(...) arguments that a UNet state dict was made with, read from its tensors"""
-    encoder = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
-    return {"in_chans": state["encoder.conv1.weight"].shape[1],
-            "num_classes": state["segmentation_head.0.weight"].shape[0],
-            "arch": resnet.resnet_arch(encoder)}
-
-
-def load_segmentation(source, trust=False):
-    """the paper's Lightning checkpoint, a plain SMP Unet state dict, or this project's
-    checkpoint.pt / best.pt -> state dict for UNet(**unet_args(state)), checked"""
-    name = "checkpoint dict" if isinstance(source, dict) else str(source)
-    what, state, others = resnet.unwrap(resnet.read_checkpoint(source, trust))
-    if "encoder.model.conv1.weight" in state:
-        # SMP's timm encoder ("tu-resnet50", the paper's) holds the ResNet as .model
-        state = {"encoder." + k.removeprefix("encoder.model.") if k.startswith("encoder.model.") else k: v
-                 for k, v in state.items()}
-    if "encoder.conv1.weight" not in state or "segmentation_head.0.weight" not in state:
-        raise CheckpointError(f"{name}: no U-Net found in this {what}; its keys: {resnet.few(state)}")
-
-    parts = ("encoder", "decoder", "segmentation_head")
-    unet_state = {k: v for k, v in state.items() if k.split(".")[0] in parts}
-    unused = [k for k in state if k not in unet_state]
-    args = unet_args(unet_state)
-    with torch.device("meta"):  # a skeleton only, to check names and shapes against
-        skeleton = UNet(**args)
-    resnet.check_state_dict(skeleton, unet_state, name)
-    print(f"loaded U-Net ({args['arch']}, {args['in_chans']} input channels, {args['num_classes']} classes; "
-          f"{what}) from {name}; unused: {resnet.summarize_unused(unused, others)}")
-    return unet_state

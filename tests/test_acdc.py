@@ -1,4 +1,4 @@
-"""acdc.py: reading the ACDC layout, the split, the datasets and their cache, the check, the phantom.
+"""acdc.py: reading the ACDC layout, the split, the datasets and their cache, the check.
 Everything runs on tiny phantoms written here (the real data cannot be downloaded)."""
 import os
 import shutil
@@ -7,9 +7,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-import torchvision
 
 import acdc
+from phantom import write_phantom
 
 TINY = dict(size_range=(40, 56), frames_range=(4, 6), slices_range=(3, 4))
 
@@ -18,7 +18,7 @@ TINY = dict(size_range=(40, 56), frames_range=(4, 6), slices_range=(3, 4))
 def phantom(tmp_path_factory):
     """5 patients: 1 test, 2 val, 3..5 train"""
     root = str(tmp_path_factory.mktemp("phantom"))
-    acdc.write_phantom(root, patients=5, seed=0, **TINY)
+    write_phantom(root, patients=5, seed=0, **TINY)
     return root
 
 
@@ -85,33 +85,6 @@ def test_spacing_and_affine_round_trip(tmp_path):
     volume = acdc.read_volume(str(tmp_path / "v.nii.gz"))
     assert volume.data.dtype == np.float32 and np.array_equal(volume.data, data)
     assert volume.spacing == (1.5, 1.5, 8.0) and np.allclose(volume.affine, affine)
-
-
-def test_phantom_files(phantom):
-    case = acdc.find_cases(phantom)[0]
-    image = nib.load(case.frames[0].image)
-    assert image.get_data_dtype() in (np.int16, np.float32)
-    assert nib.load(case.frames[0].label).get_data_dtype() == np.uint8
-    spacing = image.header.get_zooms()
-    assert np.allclose(np.diag(image.affine)[:3], spacing) and 1.2 <= spacing[0] <= 1.9 and 5 <= spacing[2] <= 10
-    cine = acdc.read_volume(case.cine, ndim=4).data
-    ed, es = (acdc.read_volume(f.image).data for f in case.frames)
-    assert np.array_equal(cine[..., case.ed - 1], ed) and np.array_equal(cine[..., case.es - 1], es)
-    ed_label, es_label = (acdc.read_label(f.label).data for f in case.frames)
-    assert set(np.unique(ed_label)) == {0, 1, 2, 3}
-    assert (es_label == 3).sum() < (ed_label == 3).sum()  # the LV contracts
-    lv, rv = (np.mean(ed[ed_label == k]) for k in (3, 1))
-    assert lv > 2 * np.mean(ed[ed_label == 2]) and rv > 2 * np.mean(ed[ed_label == 2])  # bright pools, dark muscle
-
-
-def test_phantom_is_deterministic(phantom, tmp_path):
-    acdc.write_phantom(str(tmp_path / "a"), patients=2, seed=0, **TINY)
-    acdc.write_phantom(str(tmp_path / "b"), patients=1, seed=1, **TINY)
-    for name in ("patient002_4d.nii.gz", "patient002_frame01_gt.nii.gz"):
-        a = nib.load(tmp_path / "a" / "training" / "patient002" / name).get_fdata()
-        assert np.array_equal(a, nib.load(os.path.join(phantom, "training", "patient002", name)).get_fdata())
-    a, b = (nib.load(tmp_path / d / "training" / "patient001" / "patient001_4d.nii.gz") for d in "ab")
-    assert a.shape != b.shape or not np.array_equal(a.get_fdata(), b.get_fdata())
 
 
 # -----------------------------------------------------------------------------
@@ -288,21 +261,6 @@ def test_check_clean_phantom_passes(phantom, capsys):
     assert acdc.main(["check", phantom]) == 0
     out = capsys.readouterr().out
     assert "5 patients" in out and "no problems found" in out and "label voxels" in out
-
-
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision's PNG decoder, used here as the oracle
-def test_synth_command_and_montage(tmp_path):
-    assert acdc.main(["synth", str(tmp_path), "--patients", "2", "--seed", "3"]) == 0
-    assert len(acdc.find_cases(str(tmp_path))) == 2
-    montage = torchvision.io.decode_png(torchvision.io.read_file(str(tmp_path / "montage.png")))
-    assert montage.shape == (3, 2 * 160, 8 * 160)
-
-
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_write_png_decodes(tmp_path):
-    image = torch.randint(0, 256, (3, 5, 7), dtype=torch.uint8)
-    acdc.write_png(str(tmp_path / "x.png"), image)
-    assert torch.equal(torchvision.io.decode_png(torchvision.io.read_file(str(tmp_path / "x.png"))), image)
 
 
 def test_a_testing_set_without_labels_is_not_a_problem(phantom, tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for resnet.py's checkpoint reading: every published layout (reference/CHECKPOINT_FORMATS.md)
+"""Tests for checkpoints.py: every published layout (checkpoints.py's docstring)
 and this project's own files, built with real key names and random values; conv1 adaptation;
 clear errors; and the safe loader, which must never run code from a file unless trusted.
 Run: python -m pytest tests/test_checkpoints.py"""
@@ -14,9 +14,11 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import resnet  # noqa: E402
-from resnet import CheckpointError, adapt_conv1, load_backbone, read_checkpoint  # noqa: E402
+from checkpoints import CheckpointError, adapt_conv1, load_backbone, load_segmentation, read_checkpoint  # noqa: E402
+from checkpoints import unet_args  # noqa: E402
+from unet import UNet  # noqa: E402
 
-# the reference key list (names and shapes of the published files), copied from shared/reference
+# the reference key list (names and shapes of the published files), as the original code wrote them
 with open(os.path.join(HERE, "data", "checkpoint_keys.json")) as f:
     KEYS = json.load(f)
 
@@ -276,3 +278,42 @@ def test_yaox12_saved_without_dataparallel_loads_both_branches(tmp_path):
     for branch, expected in (("target", target), ("online", online)):
         state = load_backbone(path, in_chans=3, branch=branch)
         assert torch.equal(state["layer1.0.conv1.weight"], expected["layer1.0.conv1.weight"]), branch
+
+
+# -----------------------------------------------------------------------------
+# U-Nets
+
+def test_paper_lightning_checkpoint_loads(tmp_path, capsys):
+    """the paper's fine-tuned model: state_dict of model.encoder.model.<ResNet50> + model.decoder.* + head"""
+    encoder = {k: s for k, s in KEYS["resnet50_imagenet_3ch_with_fc"].items() if not k.startswith("fc.")}
+    encoder["conv1.weight"] = [64, 1, 7, 7]  # fine-tuned on 1-channel MRI
+    shapes = {**{"model.encoder.model." + k: s for k, s in encoder.items()},
+              **{"model." + k: s for k, s in KEYS["unet_decoder_and_head_4_classes"].items()}}
+    paper = random_state(shapes, seed=0)
+    path = tmp_path / "epoch=99.ckpt"
+    torch.save({"state_dict": paper, "epoch": 99, "global_step": 7, "hyper_parameters": {"lr": 0.001}}, path)
+
+    state = load_segmentation(path)
+    assert unet_args(state) == {"in_chans": 1, "num_classes": 4, "arch": "resnet50"}
+    model = UNet(in_chans=1, num_classes=4, arch="resnet50")
+    model.load_state_dict(state, strict=True)
+    ours = model.state_dict()
+    for k, v in paper.items():  # every tensor lands in its place
+        ours_key = k.removeprefix("model.").replace("encoder.model.", "encoder.")
+        assert torch.equal(ours[ours_key], v), k
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("loaded U-Net (resnet50, 1 input channels, 4 classes; Lightning checkpoint)")
+    assert line.endswith("unused: epoch, global_step, hyper_parameters")
+
+
+def test_own_checkpoint_and_errors(tmp_path):
+    model = UNet(in_chans=1, num_classes=3, arch="resnet18")
+    ckpt = {"kind": "segmentation", "model": model.state_dict(), "arch": "resnet18", "in_chans": 1,
+            "num_classes": 3, "epoch": 2, "config": {}}
+    state = load_segmentation(ckpt)
+    assert unet_args(state) == {"in_chans": 1, "num_classes": 3, "arch": "resnet18"}
+    ckpt["model"]["decoder.blocks.1.conv1.0.weight"] = torch.zeros(128, 7, 3, 3)
+    with pytest.raises(CheckpointError, match=r"decoder.blocks.1.conv1.0.weight has shape \[128, 7, 3, 3\]"):
+        load_segmentation(ckpt)
+    with pytest.raises(CheckpointError, match="no U-Net found"):
+        load_segmentation({"conv1.weight": torch.zeros(64, 1, 7, 7)})

@@ -9,7 +9,8 @@ import torch
 
 import byol
 import train_pretrain
-from resnet import load_backbone, resnet18
+from checkpoints import load_backbone
+from resnet import resnet18
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +42,7 @@ def test_short_run_writes_every_file_and_the_backbone_loads(tiny_acdc, tmp_path)
     assert [r["epoch"] for r in epochs] == [0, 1]
     steps = [r for r in records if "steps" not in r]
     assert all(0 < r["proj_std"] < 1 and 0.99 <= r["tau"] <= 1 for r in steps)
-    # backbone.pth is the target backbone, in the paper's plain form, and loads through resnet.py
+    # backbone.pth is the target backbone, in the paper's plain form, and loads through checkpoints.py
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["step"] == steps[-1]["step"]
     state = load_backbone(str(out / "backbone.pth"))

@@ -118,9 +118,16 @@ def test_label_fraction_keeps_the_epoch_length(tiny_acdc, tmp_path):
     assert {int(subset.chosen[i % len(subset.chosen)]) for i in range(len(subset))} == set(subset.chosen.tolist())
 
 
-def test_bad_label_fraction_is_a_clear_error(tiny_acdc, tmp_path):
-    with pytest.raises(SystemExit, match="--label-fraction"):
-        run(tiny_acdc, tmp_path / "run", "--label-fraction", "1.5")
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--label-fraction", "1.5", "expected a number > 0 and <= 1"), ("--size", "7", "a multiple of 32"),
+    ("--batch-size", "0", "expected an integer >= 1"), ("--lr", "nan", "expected a number > 0"),
+    ("--epochs", "0", "expected an integer >= 1"), ("--crop-scale", "0.5 0.2", "expected MIN <= MAX")])
+def test_bad_numbers_are_refused_at_parse_time(flag, value, expected, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_segment.parse_args([flag, *value.split()])
+    assert e.value.code == 2  # argparse's convention: the usage and one error line
+    err = capsys.readouterr().err
+    assert f"error: argument {flag}: " in err and expected in err
 
 
 def test_norm_data_uses_and_stores_the_train_split_statistics(tiny_acdc, tmp_path):

@@ -6,6 +6,8 @@ import random
 import pytest
 import torch
 
+import files
+import run_folder
 import training
 
 
@@ -22,34 +24,34 @@ def test_warmup_cosine_values():
 
 def test_prepare_run_refuses_another_run(tmp_path):
     out = str(tmp_path / "run")
-    assert training.prepare_run(out, None, False) is None  # a new folder is fine
-    training.write_json(os.path.join(out, "config.json"), {"a": 1})
+    assert run_folder.prepare_run(out, None, False) is None  # a new folder is fine
+    files.write_json(os.path.join(out, "config.json"), {"a": 1})
     with pytest.raises(SystemExit, match="holds another run"):
-        training.prepare_run(out, None, False)
-    assert training.prepare_run(out, "auto", False) is None  # nothing to resume yet
-    training.save_atomic({"x": torch.zeros(1)}, os.path.join(out, "checkpoint.pt"))
-    assert training.prepare_run(out, "auto", False) == os.path.join(out, "checkpoint.pt")
-    training.save_atomic({"x": torch.zeros(1)}, os.path.join(out, "best.pt"))
-    assert training.prepare_run(out, None, True) is None     # --overwrite: nothing of the old run is left
+        run_folder.prepare_run(out, None, False)
+    assert run_folder.prepare_run(out, "auto", False) is None  # nothing to resume yet
+    run_folder.save_atomic({"x": torch.zeros(1)}, os.path.join(out, "checkpoint.pt"))
+    assert run_folder.prepare_run(out, "auto", False) == os.path.join(out, "checkpoint.pt")
+    run_folder.save_atomic({"x": torch.zeros(1)}, os.path.join(out, "best.pt"))
+    assert run_folder.prepare_run(out, None, True) is None     # --overwrite: nothing of the old run is left
     assert os.listdir(out) == []
     with pytest.raises(SystemExit, match="not found"):
-        training.prepare_run(out, str(tmp_path / "missing.pt"), False)
+        run_folder.prepare_run(out, str(tmp_path / "missing.pt"), False)
 
 
 def test_save_atomic_leaves_no_temporary(tmp_path):
     path = str(tmp_path / "c.pt")
-    training.save_atomic({"w": torch.arange(3)}, path)
+    run_folder.save_atomic({"w": torch.arange(3)}, path)
     assert os.listdir(tmp_path) == ["c.pt"]
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(3))
 
 
 def test_rng_state_round_trip_through_a_weights_only_file(tmp_path):
     g = torch.Generator().manual_seed(3)
-    training.save_atomic(training.rng_state(g), str(tmp_path / "rng.pt"))
+    run_folder.save_atomic(run_folder.rng_state(g), str(tmp_path / "rng.pt"))
     expected = (random.random(), torch.rand(2), torch.rand(2, generator=g))
     state = torch.load(str(tmp_path / "rng.pt"), weights_only=True)  # plain containers and tensors only
     random.seed(99), torch.manual_seed(99), g.manual_seed(99)
-    training.set_rng_state(state, g, rank=0)
+    run_folder.set_rng_state(state, g, rank=0)
     got = (random.random(), torch.rand(2), torch.rand(2, generator=g))
     assert got[0] == expected[0] and torch.equal(got[1], expected[1]) and torch.equal(got[2], expected[2])
 

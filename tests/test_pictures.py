@@ -1,0 +1,71 @@
+"""pictures.py: the PNG encoder against torchvision's decoder, overlays, montages, and the SVG writer."""
+import pytest
+import torch
+import torchvision
+
+import pictures
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_write_png_decodes(tmp_path):
+    image = torch.randint(0, 256, (3, 5, 7), dtype=torch.uint8)
+    pictures.write_png(str(tmp_path / "x.png"), image)
+    assert torch.equal(torchvision.io.decode_png(torchvision.io.read_file(str(tmp_path / "x.png"))), image)
+
+
+def test_montage_lays_tiles_out_in_rows():
+    tiles = [[torch.full((3, 4, 5), 10.0), torch.full((3, 4, 3), 20.0)], [torch.full((3, 6, 2), 30.0)]]
+    picture = pictures.montage(tiles, gap=2)
+    assert picture.dtype == torch.uint8 and picture.shape == (3, 4 + 2 + 6, 5 + 2 + 3)
+    assert picture[0, 0, 0] == 10 and picture[0, 0, 5] == 255 and picture[0, 0, 7] == 20  # white gap between
+    assert picture[0, 4, 0] == 0 and picture[0, 6, 0] == 30  # black gap between rows, then the second row
+
+
+def test_overlay_colours_only_the_structures():
+    gray = torch.full((2, 2), 100.0)
+    labels = torch.tensor([[0, 1], [2, 3]])
+    rgb = pictures.overlay(gray, labels, alpha=0.5)
+    assert torch.equal(rgb[:, 0, 0], torch.full((3,), 100.0))  # background stays grey
+    assert torch.allclose(rgb[:, 0, 1], 0.5 * 100 + 0.5 * pictures.COLOURS[1])
+
+
+def test_nice_and_log_ticks():
+    assert pictures.nice_ticks(0.03, 0.91) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert pictures.log_ticks(0.001, 1.0) == [0.001, 0.01, 0.1, 1]
+    assert pictures.log_ticks(0.01, 0.5) == [0.01, 0.02, 0.05, 0.1, 0.2, 0.5]
+    assert pictures.log_ticks(1, 100000) == [1, 10, 100, 1000, 10000, 100000]
+
+
+def test_chart_svg_is_xml_with_one_series_per_line(tmp_path):
+    import xml.etree.ElementTree as ET
+    chart = pictures.Chart("test IoU <phantom>", "label fraction", "IoU", xlog=True)
+    chart.line([0.01, 0.1, 1.0], [0.3, 0.6, float("nan")], "none", band=([0.2, 0.5, 0.7], [0.4, 0.7, 0.9]))
+    chart.line([0.01, 0.1, 1.0], [0.5, 0.7, 0.8], "BYOL & ACDC")
+    chart.mark(0.1, "ED")
+    path = tmp_path / "c.svg"
+    pictures.write_svg(str(path), [chart, pictures.Chart("empty", "x", "y")])
+    root = ET.parse(path).getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    series = root.findall(f".//{ns}polyline[@class='series']")
+    assert [s.get("data-name") for s in series] == ["none", "BYOL & ACDC"]
+    assert len(series[0].get("points").split()) == 2  # the nan point is a gap
+    texts = [t.text for t in root.iter(f"{ns}text")]
+    assert "test IoU <phantom>" in texts and "0.01" in texts and "label fraction (log scale)" in texts
+    assert len(root.findall(f".//{ns}polygon")) == 1  # the band
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_tiles_embed_png_pictures_with_text(tmp_path):
+    import base64
+    import xml.etree.ElementTree as ET
+    tile = torch.randint(0, 256, (3, 20, 10), dtype=torch.uint8)
+    pictures.write_svg(str(tmp_path / "t.svg"), [pictures.Tiles([[tile, tile]], title="patient 1",
+                                                                 captions=["ED: Dice LV 0.91"], tile=40)])
+    root = ET.parse(tmp_path / "t.svg").getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    images = root.findall(f".//{ns}image")
+    assert len(images) == 2
+    data = base64.b64decode(images[0].get("href").split(",", 1)[1])
+    decoded = torchvision.io.decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    assert decoded.shape == (3, 40, 40)
+    assert {"patient 1", "ED: Dice LV 0.91", "RV", "MYO", "LV"} <= {t.text for t in root.iter(f"{ns}text")}
