@@ -12,11 +12,14 @@ Labels: 0 background, 1 RV, 2 MYO, 3 LV. A 2D slice is volume[:, :, z]; items ho
 phantom.py writes a synthetic dataset in this layout.
 """
 import argparse
+import errno
 import glob
+import json
 import hashlib
 import os
 import sys
 import tempfile
+import zlib
 from collections import Counter, namedtuple
 from contextlib import suppress
 
@@ -84,16 +87,24 @@ def _nifti(stem):  # stem.nii.gz or stem.nii (both occur), or None
     return next((stem + ext for ext in (".nii.gz", ".nii") if os.path.isfile(stem + ext)), None)
 
 
-def patient_folders(root, split="all"):
+def patient_folders(root, split="all", problems=None):
     """{patient id: folder} of a split (see select) under root, root/training, root/testing or
-    root/database/..."""
+    root/database/...; a patientNNN entry that is not a readable folder (a dangling or looping
+    symbolic link, a file) is a problem: it goes to the list `problems`, else raises DatasetError"""
     if not os.path.isdir(root):
         raise DatasetError(f"{root}: no such folder")
     found = {}
     for sub in ("", "training", "testing", "database/training", "database/testing"):
         for path in sorted(glob.glob(os.path.join(glob.escape(root), sub, "patient*"))):
-            if os.path.basename(path)[7:].isdigit() and os.path.isdir(path):
-                found.setdefault(int(os.path.basename(path)[7:]), path)
+            if not os.path.basename(path)[7:].isdigit():
+                continue
+            if not os.path.isdir(path):
+                broken = unreadable_entry(path)
+                if problems is None:
+                    raise DatasetError(broken)
+                problems.append(broken)
+                continue
+            found.setdefault(int(os.path.basename(path)[7:]), path)
     if not found:
         raise DatasetError(f"{root}: no patientNNN folders here nor in training/, testing/, database/: "
                            f"not the ACDC root?")
@@ -101,11 +112,35 @@ def patient_folders(root, split="all"):
             if split == "all" or split_of(patient) == split}
 
 
+def unreadable_entry(path):
+    """why a patientNNN entry is not a folder, in one line"""
+    if os.path.islink(path):
+        try:
+            os.stat(path)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return f"{path}: a symbolic link loop, not a patient folder"
+        return f"{path}: a symbolic link to {os.readlink(path)}, which does not exist"
+    return f"{path}: not a folder"
+
+
+def fingerprint(root):
+    """a short hash of the dataset's content as file names and sizes per patient; not of its path, so
+    a copy on a cluster's local scratch has the same fingerprint (resume compares them)"""
+    digest = hashlib.sha1()
+    for patient, folder in patient_folders(root).items():
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                digest.update(f"{patient}/{name}:{os.path.getsize(path)}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def find_cases(root, problems=None, split="all"):
     """-> [Case] of a split ("all", or see split_of), leaving out what is broken. Each problem goes to
     the list `problems` if given (the check lists them all in one pass), else raises DatasetError."""
     cases, found = [], [] if problems is None else problems
-    for patient, folder in patient_folders(root, split).items():
+    for patient, folder in patient_folders(root, split, found).items():
         base, cfg = os.path.join(folder, os.path.basename(folder)), os.path.join(folder, "Info.cfg")
         info = read_info(cfg) if os.path.isfile(cfg) else None
         if info is None or not all(isinstance(info.get(key), int) for key in ("ED", "ES")):
@@ -167,8 +202,8 @@ def read_label(path):  # a label volume as uint8, its values checked first: a ca
 
 
 # -----------------------------------------------------------------------------
-# datasets: raw 2D slices at their own size (augmentation runs batched on the training device), from
-# a cache of decoded volumes: one .npy a volume, memory-mapped, keyed by the source's path, size and mtime
+# the slice cache: decoded volumes, one .npy a volume, memory-mapped, keyed by the source's path,
+# size and mtime, each with a checksum written beside it (.json) and verified whenever it is used
 
 def default_cache_dir(root):
     """<root>/.cache where it can be written, else ~/.cache/acdc-slices (a read-only dataset)"""
@@ -180,15 +215,48 @@ def default_cache_dir(root):
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "acdc-slices")
 
 
-def cached(path, kind, cache_dir):
-    """-> a .npy holding the volume slice-major: (Z, X, Y) for kind "image" and "label", (T, Z, X, Y)
-    for "cine", so a slice is one contiguous read. Decodes (and checks) on a miss only."""
+def cache_entry(path, cache_dir):
+    """-> (the .npy this source file is cached in, the prefix of all its entries, old or new)"""
     stat = os.stat(path)
     where = hashlib.sha1(os.path.realpath(path).encode()).hexdigest()[:8]
     base = os.path.basename(path).split(".nii")[0] + "-" + where
-    out = os.path.join(cache_dir, f"{base}-{stat.st_size}-{stat.st_mtime_ns}-v1.npy")  # v1: the cached form
+    # v2: the cached form (slice-major .npy with a checksum beside it)
+    return os.path.join(cache_dir, f"{base}-{stat.st_size}-{stat.st_mtime_ns}-v2.npy"), base
+
+
+def crc32_of(path, chunk=1 << 24):
+    with open(path, "rb") as f:
+        crc = 0
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def cache_problem(entry):
+    """why a cache entry cannot be used (missing or wrong checksum, truncated, changed), or None"""
+    try:
+        with open(entry[:-4] + ".json") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return "has no checksum beside it"
+    size = os.path.getsize(entry)
+    if size != meta["bytes"]:
+        return f"is {size} bytes, {meta['bytes']} when written (truncated?)"
+    if crc32_of(entry) != meta["crc32"]:
+        return "does not match its checksum (changed after it was written)"
+    return None
+
+
+def cached(path, kind, cache_dir):
+    """-> a .npy holding the volume slice-major: (Z, X, Y) for kind "image" and "label", (T, Z, X, Y)
+    for "cine", so a slice is one contiguous read. Decodes (and checks) on a miss only; an entry
+    that fails its checksum is rebuilt, with a notice (crc32 reads a few GB/s: cheap)."""
+    out, base = cache_entry(path, cache_dir)
     if os.path.exists(out):
-        return out
+        problem = cache_problem(out)
+        if problem is None:
+            return out
+        tqdm.write(f"notice: the cache entry {out} {problem}: rebuilding it from {path}")
     if kind == "label":
         data = read_label(path).data
     else:
@@ -198,11 +266,13 @@ def cached(path, kind, cache_dir):
         data = data.astype(np.float32)
     data = np.ascontiguousarray(data.swapaxes(0, 1).T)  # (X, Y, Z[, T]) -> ([T,] Z, X, Y)
     os.makedirs(cache_dir, exist_ok=True)
-    for old in set(glob.glob(os.path.join(cache_dir, glob.escape(base) + "-*.npy"))) - {out}:
-        with suppress(FileNotFoundError):  # an earlier version's entry, unless another rank removed it first
+    for old in glob.glob(os.path.join(cache_dir, glob.escape(base) + "-*")):
+        with suppress(FileNotFoundError):  # an earlier entry of this file, unless another rank removed it first
             os.remove(old)
-    # another rank, or a run after a crash, never sees half a file
+    # another rank, or a run after a crash, never sees half a file; the checksum comes last, so an
+    # entry without one is incomplete
     files.write_atomic(out, lambda tmp: np.save(tmp, data))
+    files.write_json(out[:-4] + ".json", {"source": path, "bytes": os.path.getsize(out), "crc32": crc32_of(out)})
     return out
 
 
@@ -237,7 +307,8 @@ class LabelledSlices(_Slices):
                 raise DatasetError(f"{f.label}: labels of shape (Z, X, Y) {label_shape} "
                                    f"but the image {f.image} is {shape}")
             index += [(len(self.volumes), z) for z in range(shape[0])]
-            self.volumes.append(dict(f._asdict(), cache=(image, label)))
+            spacing = tuple(float(s) for s in nib.load(f.image).header.get_zooms()[:3])  # the header only
+            self.volumes.append(dict(f._asdict(), cache=(image, label), spacing=spacing))
         self.index = np.array(index, dtype=np.int64).reshape(-1, 2)  # (slices, [volume, z])
 
     def __getitem__(self, i):
@@ -306,11 +377,20 @@ def intensity_stats(root, cache_dir=None):
     return float(total / n), float(np.sqrt(total_sq / n - (total / n) ** 2))
 
 
+def spacing_range(volumes):
+    """{"in_plane": [lo, hi], "between_slices": [lo, hi]} in mm over LabelledSlices.volumes: the
+    geometry a model trained on them knows (predict.py warns about scans far outside it)"""
+    spacings = np.array([v["spacing"] for v in volumes])  # (volumes, 3): x, y, z
+    return {"in_plane": [float(spacings[:, :2].min()), float(spacings[:, :2].max())],
+            "between_slices": [float(spacings[:, 2].min()), float(spacings[:, 2].max())]}
+
+
 # -----------------------------------------------------------------------------
 # integrity check: every voxel of every file, every problem in one pass
 
-def check_dataset(root, log=None):
-    """-> [problem], one line each, naming the file; log (e.g. print) receives a summary"""
+def check_dataset(root, log=None, cache_dir=None):
+    """-> [problem], one line each, naming the file; log (e.g. print) receives a summary. The slice
+    cache that training would use (cache_dir, or the default) is verified against its checksums."""
     problems, log = [], log or (lambda line: None)
 
     def attempt(read, *args, **kw):  # note the problem and go on
@@ -336,6 +416,13 @@ def check_dataset(root, log=None):
             problems.append(f"{case.path}: no cine file {os.path.basename(case.path)}_4d.nii.gz")
         elif cine := attempt(read_volume, case.cine, dtype=None, ndim=4):
             cines.append(cine.data.shape)
+    cache_dir = cache_dir or default_cache_dir(root)
+    sources = [p for case in cases for p in [case.cine] + [v for f in case.frames for v in (f.image, f.label)] if p]
+    entries = [(src, cache_entry(src, cache_dir)[0]) for src in sources]
+    entries = [(src, entry) for src, entry in entries if os.path.exists(entry)]
+    for src, entry in entries:
+        if problem := cache_problem(entry):
+            problems.append(f"{entry}: the cache entry of {src} {problem}; the next run rebuilds it")
 
     splits = ", ".join(f"{s} {n}" for s, n in sorted(Counter(split_of(c.patient) for c in cases).items()))
     log(f"{root}: {len(cases)} patients ({splits}); "
@@ -348,6 +435,7 @@ def check_dataset(root, log=None):
             + ", ".join(f"{a} {lo[i + 3]:.2f}..{hi[i + 3]:.2f}" for i, a in enumerate("XYZ")))
     names = ("0 background", "1 RV", "2 MYO", "3 LV")
     log("label voxels: " + ", ".join(f"{k} {n}" for k, n in zip(names, voxels)))
+    log(f"slice cache {cache_dir}: {len(entries)} entries of this dataset verified against their checksums")
     return problems
 
 
@@ -360,8 +448,9 @@ def main(argv=None):
     p = sub.add_parser("check",
                        help="read every voxel; print counts, sizes, spacings, labels and each problem")
     p.add_argument("root", help="ACDC root: training/, testing/, or a folder holding them")
+    p.add_argument("--cache", default=None, help="the slice cache to verify (default: the one training uses)")
     args = parser.parse_args(argv)
-    problems = check_dataset(args.root, log=print)
+    problems = check_dataset(args.root, log=print, cache_dir=args.cache)
     print(f"{len(problems)} problem(s):\n  " + "\n  ".join(problems) if problems else "no problems found")
     return 1 if problems else 0
 

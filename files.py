@@ -9,9 +9,24 @@ import io
 import json
 import math
 import os
+import sys
+import tempfile
 
 import nibabel as nib
 import numpy as np
+
+
+def check_folder(path, flag):
+    """make sure `path` is a folder this process can write into (creating it), before any work is
+    done: a clear one-line exit naming the flag, not a PermissionError on a temporary file later"""
+    if os.path.exists(path) and not os.path.isdir(path):
+        sys.exit(f"{flag} {path}: a file, not a folder: choose a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        sys.exit(f"{flag} {path}: cannot write there ({e.strerror or type(e).__name__}): choose another folder")
 
 
 def write_atomic(path, write):

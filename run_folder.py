@@ -1,20 +1,38 @@
-"""A training run's folder: its files, its checkpoints, exact resume.
+"""A training run's folder: its lock, its files, its checkpoints, exact resume.
 
 A run folder (--out) holds config.json (every flag, the environment, derived numbers), log.jsonl
-(a line per logging interval and one per epoch), checkpoint.pt (everything needed to continue
-exactly) and the exported weights (best.pt of fine-tuning, backbone.pth of pretraining).
-A folder that holds another run is never overwritten silently.
+(a line per logging interval and one per epoch), curves.svg (the log drawn, refreshed each epoch),
+checkpoint.pt (everything needed to continue exactly) and the exported weights (best.pt of
+fine-tuning, backbone.pth of pretraining). The rules:
+
+- one process owns a folder at a time: run.lock names its host and process and carries a
+  heartbeat; a second run is refused, a stale lock (its process gone, or no heartbeat for
+  STALE_S seconds, which covers other hosts on a shared filesystem) is taken over with a notice;
+- a folder that holds another run is never overwritten silently (--resume auto or --overwrite),
+  and --overwrite removes the old run only when the new one is about to write its own files;
+- --resume continues only the same experiment: any flag that changes what is trained must match.
 """
+import atexit
 import json
 import os
 import random
+import socket
 import sys
+import threading
+import time
 
 import torch
 import torch.distributed as dist
 
+import acdc
 import files
+import pictures
 from checkpoints import read_checkpoint
+
+RUN_FILES = ("checkpoint.pt", "config.json", "log.jsonl", "curves.svg", "best.pt", "backbone.pth")
+LOCK = "run.lock"
+HEARTBEAT_S = 30   # how often the owner rewrites its heartbeat
+STALE_S = 600      # a lock without a heartbeat for this long is stale (its host may be another machine)
 
 
 def unwrap(model):
@@ -23,31 +41,215 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)
 
 
+def is_main_process():
+    return int(os.environ.get("RANK", 0)) == 0
 
-def prepare_run(out, resume, overwrite):
-    """-> the checkpoint to resume from, or None. A folder that holds another run is never
-    overwritten silently. Every rank calls this before the process group exists (rank 0 writes
-    nothing until all ranks have joined it), so all of them take the same decision."""
-    os.makedirs(out, exist_ok=True)
-    mine = os.path.join(out, "checkpoint.pt")
-    if resume == "auto":
-        return mine if os.path.exists(mine) else None
-    if resume:
-        if not os.path.exists(resume):
-            sys.exit(f"--resume {resume}: file not found")
-        return resume
-    taken = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
-    if taken and not overwrite:
-        sys.exit(f"--out {out} holds another run ({', '.join(taken)}): pass --resume auto to continue it, "
-                 f"--overwrite to start afresh, or choose another --out")
-    if int(os.environ.get("RANK", 0)) == 0:  # --overwrite: nothing of the old run may be resumed or kept as best
-        for f in taken + [f for f in os.listdir(out) if f.startswith("backbone_ep")]:
-            os.remove(os.path.join(out, f))
+
+# -----------------------------------------------------------------------------
+# the lock: one process per run folder
+
+_held = {}  # folder -> [times taken, stop event, heartbeat thread] of the locks this process holds
+
+
+def _owner_record(started):
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": started, "heartbeat": time.time()}
+
+
+def _read_owner(path):
+    for _ in range(20):  # the owner may be between writing and renaming: read again shortly
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            time.sleep(0.05)
     return None
 
 
-RUN_FILES = ("checkpoint.pt", "config.json", "log.jsonl", "best.pt", "backbone.pth")
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's process
+        return True
+    return True
 
+
+def stale_reason(owner):
+    """why a lock's owner no longer holds it, or None while it does"""
+    if owner is None:
+        return "unreadable lock file"
+    if owner.get("host") == socket.gethostname() and not _alive(int(owner.get("pid", -1))):
+        return f"process {owner.get('pid')} is gone"
+    age = time.time() - float(owner.get("heartbeat", 0))
+    return f"no heartbeat for {age:.0f} s" if age > STALE_S else None
+
+
+def lock(folder):
+    """make this process the owner of `folder`. Taking a lock this process holds counts once more
+    (the study runner holds it around a run's training and evaluation; training takes it too), and
+    each unlock() gives one back. Exits with a message naming the owner when another live process
+    holds it."""
+    folder = os.path.abspath(folder)
+    if folder in _held:
+        _held[folder][0] += 1
+        return
+    path = os.path.join(folder, LOCK)
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    while True:
+        try:  # O_EXCL: of two processes creating the file at once, exactly one succeeds
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = _read_owner(path)
+            if owner and owner.get("host") == socket.gethostname() and owner.get("pid") == os.getpid():
+                break  # left by this very process (an earlier call that ended in an exception)
+            reason = stale_reason(owner)
+            if reason is None:
+                age = time.time() - float(owner["heartbeat"])
+                sys.exit(f"--out {folder} is in use by another run: host {owner['host']}, process {owner['pid']}, "
+                         f"started {owner['started']}, last heartbeat {age:.0f} s ago ({path}); wait for it to "
+                         f"finish or choose another --out")
+            print(f"notice: taking over the stale lock of {folder} ({reason}; it was held by "
+                  f"{(owner or {}).get('host')} process {(owner or {}).get('pid')})")
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass  # another process took it over first: try again
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(_owner_record(started), f)
+        break
+    stop = threading.Event()
+
+    def beat():  # the heartbeat: rewritten atomically, so the file always exists while held
+        while not stop.wait(HEARTBEAT_S):
+            files.write_json(path, _owner_record(started))
+    thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat {folder}")
+    thread.start()
+    _held[folder] = [1, stop, thread]
+
+
+def unlock(folder, completely=False):
+    """give back one taking of the lock on `folder` (all of them with completely=True); the lock
+    file goes when none is left. A no-op when this process does not hold it."""
+    folder = os.path.abspath(folder)
+    if folder not in _held:
+        return
+    _held[folder][0] -= 1
+    if _held[folder][0] > 0 and not completely:
+        return
+    _, stop, thread = _held.pop(folder)
+    stop.set()
+    thread.join()
+    path = os.path.join(folder, LOCK)
+    owner = _read_owner(path)
+    if owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+        os.remove(path)
+
+
+@atexit.register
+def unlock_all():
+    for folder in list(_held):
+        unlock(folder, completely=True)
+
+
+# -----------------------------------------------------------------------------
+# starting a run: the decisions every rank takes alike before the process group exists
+
+def prepare_run(args, kind, experiment):
+    """-> the checkpoint dict to resume from, or None. Takes the folder's lock (rank 0), removes
+    temporary files that a killed save left, and refuses what would lose or mix runs: a folder
+    holding another run without --resume or --overwrite, a --resume file that is not this kind of
+    checkpoint, or one trained with other experiment flags. Nothing is deleted here: --overwrite
+    clears the old run in begin(), when the new run is about to write its own files."""
+    out = args.out
+    if is_main_process():
+        lock(out)
+        for name in os.listdir(out):  # .tmpPID.name: what a save killed mid-way left behind
+            if name.startswith(".tmp"):
+                os.remove(os.path.join(out, name))
+    mine = os.path.join(out, "checkpoint.pt")
+    path = (mine if os.path.exists(mine) else None) if args.resume == "auto" else args.resume
+    if path is None:
+        taken = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+        # --resume auto without a checkpoint restarts a run killed before its first one; never a
+        # finished run whose checkpoint.pt was removed (the study runner keeps only the weights)
+        weights = [f for f in ("best.pt", "backbone.pth") if f in taken]
+        if args.resume == "auto" and weights and not args.overwrite:
+            sys.exit(f"--out {out} holds a finished run ({', '.join(taken)}) without its checkpoint.pt: nothing "
+                     f"to resume; pass --overwrite to start afresh, or choose another --out")
+        if taken and args.resume != "auto" and not args.overwrite:
+            sys.exit(f"--out {out} holds another run ({', '.join(taken)}): pass --resume auto to continue it, "
+                     f"--overwrite to start afresh, or choose another --out")
+        return None
+    if not os.path.exists(path):
+        sys.exit(f"--resume {path}: file not found")
+    ckpt = read_checkpoint(path, trust=args.trust_checkpoint)
+    if ckpt.get("kind") == "segmentation" and "optimizer" not in ckpt:
+        sys.exit(f"--resume {path}: this is the best U-Net of a fine-tuning run (weights only, no optimizer "
+                 f"state); --resume needs the run's checkpoint.pt (or 'auto'); to start from these weights "
+                 f"use --weights {path}")
+    if ckpt.get("kind") != kind or "optimizer" not in ckpt:
+        what = f"this project's {ckpt['kind']} checkpoint" if ckpt.get("kind") else "not this project's checkpoint"
+        sys.exit(f"--resume {path}: {what}; --resume needs the RUN/checkpoint.pt of a {kind} run of this project")
+    refuse_changed_flags(path, ckpt["config"].get("experiment") or {}, experiment)
+    return ckpt
+
+
+# flags that change what is trained; the others (workers, logging, cache, device, amp, compile,
+# devices at the same global batch) change only how it runs and may differ after a resume
+EXPERIMENT_FLAGS = ("split", "label_fraction", "loss", "weights", "init", "arch", "size", "lr", "start_lr",
+                    "weight_decay", "warmup_epochs", "epochs", "tau_base", "seed", "crop_scale", "clip",
+                    "freeze_encoder_epochs", "norm", "paper_inputs", "val_every")
+
+
+def experiment_of(args):
+    """what a run trains, for comparing a resumed run with the one in its checkpoint; files by name
+    (cluster jobs copy weights and data to local scratch), the data by its cases and file sizes"""
+    values = {k: getattr(args, k) for k in EXPERIMENT_FLAGS if hasattr(args, k)}
+    for k in ("weights", "init"):
+        if k in values and values[k] not in (None, "none"):
+            values[k] = os.path.basename(str(values[k]))
+    if "crop_scale" in values:
+        values["crop_scale"] = [float(v) for v in values["crop_scale"]]
+    return {**values, "data": acdc.fingerprint(args.data)}
+
+
+def refuse_changed_flags(path, old, new):
+    changed = [k for k in new if k in old and old[k] != new[k]]
+    if changed:
+        flags = "; ".join("--data (other cases or file sizes)" if k == "data" else
+                          f"--{k.replace('_', '-')} was {old[k]}, now {new[k]}" for k in changed)
+        sys.exit(f"--resume {path}: the run was trained with other settings: {flags}. These change what is "
+                 f"trained: resume with the run's own flags (its config.json), or start a new run in another --out")
+
+
+def begin(out, config, resumed):
+    """the run is about to write its own files (rank 0): --overwrite removes the old run's files now;
+    a resumed run drops the log lines written after its checkpoint; config.json is written"""
+    if resumed is None:
+        for name in os.listdir(out):
+            if name in RUN_FILES or name.startswith("backbone_ep"):
+                os.remove(os.path.join(out, name))
+    else:
+        truncate_log(os.path.join(out, "log.jsonl"), resumed["step"], resumed["epoch"])
+    files.write_json(os.path.join(out, "config.json"), config)
+
+
+def truncate_log(path, step, epoch):
+    """keep the log lines up to the checkpoint's step and epoch: what came after is redone after a
+    resume. Epoch lines (they have "steps") count by epoch, the others by step."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    kept = "".join(json.dumps(r) + "\n" for r in records
+                   if (r["epoch"] < epoch if "steps" in r else r.get("step", 0) <= step))
+    files.write_text(path, kept)
+
+
+# -----------------------------------------------------------------------------
+# files: log, curves, checkpoints
 
 def save_atomic(obj, path):
     files.write_atomic(path, lambda tmp: torch.save(obj, tmp))
@@ -56,6 +258,23 @@ def save_atomic(obj, path):
 def append_jsonl(path, record):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def draw_curves(out, title, panels):
+    """curves.svg from log.jsonl: panels is [(key, axis label)] of per-epoch values, one chart each"""
+    path = os.path.join(out, "log.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        epochs = [r for r in map(json.loads, f) if "steps" in r]  # one line per epoch
+    charts = []
+    for key, label in panels:
+        points = [(r["epoch"], r[key]) for r in epochs if r.get(key) is not None]
+        if points:
+            chart = pictures.Chart(f"{label}, {title}", "epoch", label)
+            charts.append(chart.line([e for e, _ in points], [v for _, v in points], label))
+    if charts:
+        pictures.write_svg(os.path.join(out, "curves.svg"), charts, columns=len(charts))
 
 
 def rng_state(generator):
@@ -74,8 +293,9 @@ def rng_state(generator):
 def set_rng_state(state, generator, rank):
     random.setstate((3, tuple(state["python"]), None))
     torch.set_rng_state(state["torch"])
-    generator.set_state(state["augment"][rank])
-    if "cuda" in state and torch.cuda.is_available():
+    if rank < len(state["augment"]):  # a rank the old run did not have keeps its fresh seed
+        generator.set_state(state["augment"][rank])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
@@ -83,26 +303,26 @@ def save_checkpoint(path, kind, model, optimizer, scaler, generator, epoch, step
     """everything needed to continue exactly: unwrapped model, optimizer, scaler, counters, RNG states.
     Every rank calls it (the RNG states are gathered); rank 0 writes."""
     rng = rng_state(generator)
-    if int(os.environ.get("RANK", 0)) == 0:
+    if is_main_process():
         save_atomic({"kind": kind, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "rng": rng, **extra}, path)
 
 
-def resume(path, kind, model, optimizer, scaler, generator, config, trust=False):
-    """load a checkpoint written by save_checkpoint into a run of the same shape; -> (epoch, step)"""
-    ckpt = read_checkpoint(path, trust=trust)
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
-        sys.exit(f"--resume {path}: not a {kind} checkpoint of this project")
-    # the batches an epoch holds and their order must be the same, or the run would not continue exactly
-    for key in ("world_size", "steps_per_epoch", "global_batch"):
-        if ckpt["config"][key] != config[key]:
-            sys.exit(f"--resume {path}: {key} was {ckpt['config'][key]}, now {config[key]}; resume with "
-                     f"the same processes, --batch-size and data")
-    if ckpt["config"]["args"]["seed"] != config["args"]["seed"]:
-        sys.exit(f"--resume {path}: --seed was {ckpt['config']['args']['seed']}, now {config['args']['seed']}")
+def resume(ckpt, model, optimizer, scaler, generator, config):
+    """load a checkpoint written by save_checkpoint into a run of the same shape -> (epoch, step)"""
+    old = ckpt["config"]
+    # the batches an epoch holds must be the same, or the schedule and the epoch count would shift
+    for key in ("steps_per_epoch", "global_batch"):
+        if old[key] != config[key]:
+            sys.exit(f"--resume: {key} was {old[key]}, now {config[key]}; resume with the same global batch "
+                     f"(--batch-size x processes) and data")
     unwrap(model).load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt["scaler"] and scaler.is_enabled():  # empty when the run was not fp16
         scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"], generator, dist.get_rank() if dist.is_initialized() else 0)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    set_rng_state(ckpt["rng"], generator, rank)
+    if old["world_size"] != config["world_size"] and rank == 0:
+        print(f"notice: resuming on {config['world_size']} processes instead of {old['world_size']}: the same "
+              f"global batch, but data order and augmentation draws differ from an uninterrupted run")
     return ckpt["epoch"], ckpt["step"]

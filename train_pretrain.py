@@ -18,12 +18,22 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import acdc
-import files
 import run_folder
 import training
 from byol import BYOL, LARS, augment, lars_param_groups, tau_at
 from checkpoints import load_backbone
 from resnet import ARCHS
+
+
+def epoch_list(text):
+    """'0,5,10' -> [0, 5, 10] (argparse type of --save-backbone-epochs)"""
+    try:
+        epochs = [int(e) for e in text.split(",") if e.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated epochs, e.g. 0,5,10") from None
+    if any(e < 0 for e in epochs):
+        raise argparse.ArgumentTypeError(f"{text!r}: epochs must be >= 0")
+    return epochs
 
 
 def parse_args(argv=None):
@@ -42,8 +52,9 @@ def parse_args(argv=None):
                    help="starting target momentum (paper: 0.99, to 1.0)")
     p.add_argument("--split", default="train", choices=["train", "train+val", "all"],
                    help="whose cine frames to pretrain on (the paper: the train patients only)")
-    p.add_argument("--save-backbone-epochs", default="",
-                   help="comma-separated epochs at which to keep a copy backbone_epNNN.pth (e.g. 5,10,25,50,100)")
+    p.add_argument("--save-backbone-epochs", type=epoch_list, default="",
+                   help="comma-separated epochs after which to keep a copy backbone_epNNN.pth (e.g. 0,5,10,25; "
+                        "0: the initial weights)")
     p.add_argument("--collapse-threshold", type=number(float, 0), default=0.01,
                    help="warn when the std of the normalised projections falls below this "
                         "(healthy: ~1/sqrt(256)=0.0625)")
@@ -93,40 +104,42 @@ def train_one_epoch(model, byol, loader, optimizer, scaler, autocast, generator,
         run.step += 1
         seen += views[0].shape[0] * env.world_size
 
-        stop_after = args.stop_after and run.step - run.start_step >= args.stop_after
-        if run.step % args.log_every == 0 or steps == len(loader) or stop_after:
-            loss_now, stop = health.check(loss, scaler, run.stop.requested or stop_after, epoch)
+        # a signal stops the run after this step (on every rank alike); so does --stop-after
+        stop = run.stop.agreed() or (args.stop_after and run.step - run.start_step >= args.stop_after)
+        if run.step % args.log_every == 0 or steps == len(loader) or stop:
+            loss_now = health.check(loss, scaler, epoch)
             # collapse watch: the spread of the normalised projections across the batch
-            spread = training.all_reduce(F.normalize(z1.float(), dim=1).std(dim=0).mean()).item() / env.world_size
+            spread = training.all_reduce(F.normalize(z1.float(), dim=1).std(dim=0).mean()).item()
+            run.proj_std = spread / env.world_size
             speed = seen / (time.perf_counter() - t0)
             record = {"epoch": epoch, "step": run.step, "loss": loss_now, "lr": lr, "tau": tau,
-                      "proj_std": spread, "images_per_s": speed}
+                      "proj_std": run.proj_std, "images_per_s": speed}
             if env.main:
                 bar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{lr:.3g}", tau=f"{tau:.4f}", img_s=f"{speed:.0f}")
                 run_folder.append_jsonl(run.log, record)
-                if spread < args.collapse_threshold:
-                    tqdm.write(f"warning: projections collapsing (std {spread:.4f} < {args.collapse_threshold}) "
-                               f"at epoch {epoch}, step {run.step}")
-            if stop:
-                run.stopped = True
-                break
+                if run.proj_std < args.collapse_threshold:
+                    tqdm.write(f"warning: projections collapsing (std {run.proj_std:.4f} < "
+                               f"{args.collapse_threshold}) at epoch {epoch}, step {run.step}")
+        if stop:
+            run.stopped = True
+            break
     bar.close()
-    return training.epoch_stats(epoch, loss_sum, steps, seen, t0)
+    # the epoch's line also carries the last learning rate and projection spread, for curves.svg
+    return {**training.epoch_stats(epoch, loss_sum, steps, seen, t0), "lr": lr, "proj_std": run.proj_std}
 
 
 def save(run, byol, optimizer, scaler, generator, epoch):
     """checkpoint.pt for resuming exactly, and backbone.pth in the paper's form (the target backbone);
     every rank calls it (the ranks' random states are gathered), rank 0 writes"""
     run_folder.save_checkpoint(os.path.join(run.args.out, "checkpoint.pt"), "byol", byol, optimizer, scaler,
-                             generator, epoch, run.step, config=run.config, arch=run.args.arch, in_chans=1,
-                             mean=run.mean, std=run.std)
+                               generator, epoch, run.step, config=run.config, arch=run.args.arch, in_chans=1,
+                               mean=run.mean, std=run.std)
     if run.env.main:
         run_folder.save_atomic(byol.target_backbone.state_dict(), os.path.join(run.args.out, "backbone.pth"))
 
-
 def main(args):
-    # -------------------------------------------------------------------- distributed and AMP set-up
-    env, resume, autocast, scaler, amp = training.start(args)
+    # -------------------------------------------------------------------- set-up: everything checked first
+    env, resume, experiment, autocast, scaler, amp = training.start(args, "byol")
 
     # -------------------------------------------------------------------- data
     splits = {"train": ["train"], "train+val": ["train", "val"], "all": ["train", "val", "test"]}[args.split]
@@ -137,9 +150,10 @@ def main(args):
 
     # -------------------------------------------------------------------- model
     backbone = ARCHS[args.arch](in_chans=1)
-    if args.init != "none":
+    if args.init != "none" and not resume:  # the resumed state replaces the initial weights
         backbone.load_state_dict(load_backbone(args.init, in_chans=1, trust=args.trust_checkpoint, arch=args.arch))
-    byol, model = training.wrap(BYOL(backbone), env, args.compile)  # the target starts as a copy of the online net
+    # the target starts as a copy of the online network
+    byol, model = training.wrap(BYOL(backbone), env, args.compile)
 
     # -------------------------------------------------------------------- optimizer and schedule
     mean, std = training.normalisation(args)
@@ -147,27 +161,31 @@ def main(args):
     lr = args.lr * global_batch / 256  # the paper's linear scaling rule
     optimizer = LARS(lars_param_groups(byol, args.weight_decay), lr=lr)
     run = training.Run(args=args, env=env, lr=lr, step=0, total_steps=args.epochs * steps_per_epoch,
-                       warmup_steps=args.warmup_epochs * steps_per_epoch, mean=mean, std=std,
+                       warmup_steps=args.warmup_epochs * steps_per_epoch, mean=mean, std=std, proj_std=None,
                        log=os.path.join(args.out, "log.jsonl"), stop=training.StopSignal(), stopped=False)
-    run.config = training.run_config(args, env, amp=amp, global_batch=global_batch, lr_scaled=lr,
-                                      slices=len(dataset), steps_per_epoch=steps_per_epoch,
-                                      total_steps=run.total_steps, mean=run.mean, std=run.std)
-    generator = torch.Generator(device=env.device).manual_seed(args.seed * 65536 + env.rank)  # augmentation, per rank
+    run.config = training.run_config(args, env, experiment=experiment, data=acdc.describe(args.data), amp=amp,
+                                     global_batch=global_batch, lr_scaled=lr, slices=len(dataset),
+                                     steps_per_epoch=steps_per_epoch, total_steps=run.total_steps,
+                                     init=args.init, mean=run.mean, std=run.std)
+    # the augmentation's random stream, one per rank
+    generator = torch.Generator(device=env.device).manual_seed(args.seed * 65536 + env.rank)
 
     # -------------------------------------------------------------------- resume
     start_epoch = 0
     if resume:
-        start_epoch, run.step = run_folder.resume(resume, "byol", byol, optimizer, scaler, generator, run.config,
-                                                trust=args.trust_checkpoint)
-        if env.main:
-            print(f"resumed from {resume}: epoch {start_epoch}, step {run.step}")
+        start_epoch, run.step = run_folder.resume(resume, byol, optimizer, scaler, generator, run.config)
     run.start_step = run.step
     if env.main:
-        print(f"BYOL pretraining: {args.arch}, {len(dataset)} unlabelled slices, {env.world_size} process(es), "
-              f"global batch {global_batch}, lr {lr:.4g}, {run.total_steps} steps, amp {amp}, device {env.device}")
+        if resume:
+            print(f"resumed from {args.resume}: epoch {start_epoch}, step {run.step}")
+        print(f"BYOL pretraining: {args.arch} on {acdc.describe(args.data)}, {len(dataset)} unlabelled slices, "
+              f"{env.world_size} process(es), global batch {global_batch}, lr {lr:.4g}, {run.total_steps} steps, "
+              f"amp {amp}, device {env.device}")
         training.print_config(run.config)
-        files.write_json(os.path.join(args.out, "config.json"), run.config)
-    keep = {int(e) for e in args.save_backbone_epochs.split(",") if e.strip()}
+        run_folder.begin(args.out, run.config, resume)
+    keep = set(args.save_backbone_epochs)
+    if 0 in keep and start_epoch == 0 and env.main:  # epoch 0: the initial weights, for the length study
+        run_folder.save_atomic(byol.target_backbone.state_dict(), os.path.join(args.out, "backbone_ep000.pth"))
 
     # -------------------------------------------------------------------- loop
     health = training.Health(env.device)
@@ -184,20 +202,27 @@ def main(args):
         done = run.step == (epoch + 1) * steps_per_epoch  # the epoch ran to its end
         if done and env.main:
             run_folder.append_jsonl(run.log, stats)
+            run_folder.draw_curves(args.out, f"BYOL, {os.path.basename(os.path.abspath(args.out))}",
+                                   [("loss", "BYOL loss"), ("lr", "learning rate"), ("proj_std", "proj_std")])
             print(f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['images_per_s']:.0f} images/s")
         if run.stopped or (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
             save(run, byol, optimizer, scaler, generator, epoch + done)
         if done and epoch + 1 in keep and env.main:
             run_folder.save_atomic(byol.target_backbone.state_dict(),
-                                 os.path.join(args.out, f"backbone_ep{epoch + 1:03d}.pth"))
+                                   os.path.join(args.out, f"backbone_ep{epoch + 1:03d}.pth"))
         if run.stopped:
             if env.main:
-                print(f"stopped at step {run.step}: {args.out}/checkpoint.pt written; continue with --resume auto")
+                print(f"stopped at step {run.step}: {args.out}/checkpoint.pt written; "
+                      f"continue with --resume auto")
             break
 
     # -------------------------------------------------------------------- save and tear-down
     if env.main and not run.stopped:
-        print(f"done: {args.out}/backbone.pth (the target backbone) and {args.out}/checkpoint.pt")
+        written = [f for f in ("backbone.pth", "checkpoint.pt", "curves.svg")
+                   if os.path.exists(os.path.join(args.out, f))]
+        print(f"done: in {args.out}: {', '.join(written)} (backbone.pth: the target backbone)")
+    if env.main:
+        run_folder.unlock(args.out)
     return byol
 
 

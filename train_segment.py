@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import acdc
-import files
 import run_folder
 import training
 from byol import augment
@@ -121,6 +120,12 @@ def train_step(model, images, labels, optimizer, scaler, autocast, loss_fn, clip
     return loss
 
 
+def progress(loss, lr, best, speed):
+    """the progress bar's numbers; the best validation IoU only once there is one"""
+    return {"loss": f"{loss:.4f}", "lr": f"{lr:.3g}", **({"best_iou": f"{best:.3f}"} if best >= 0 else {}),
+            "img_s": f"{speed:.0f}"}
+
+
 def train_one_epoch(model, loader, optimizer, scaler, autocast, generator, health, run, epoch):
     args, env = run.args, run.env
     model.train()
@@ -140,17 +145,18 @@ def train_one_epoch(model, loader, optimizer, scaler, autocast, generator, healt
         run.step += 1
         seen += images.shape[0] * env.world_size
 
-        stop_after = args.stop_after and run.step - run.start_step >= args.stop_after
-        if run.step % args.log_every == 0 or steps == len(loader) or stop_after:
-            loss_now, stop = health.check(loss, scaler, run.stop.requested or stop_after, epoch)
+        # a signal stops the run after this step (on every rank alike); so does --stop-after
+        stop = run.stop.agreed() or (args.stop_after and run.step - run.start_step >= args.stop_after)
+        if run.step % args.log_every == 0 or steps == len(loader) or stop:
+            loss_now = health.check(loss, scaler, epoch)
             speed = seen / (time.perf_counter() - t0)
             if env.main:
-                bar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{lr:.3g}", iou=f"{run.best:.3f}", img_s=f"{speed:.0f}")
+                bar.set_postfix(progress(loss_now, lr, run.best, speed))
                 run_folder.append_jsonl(run.log, {"epoch": epoch, "step": run.step, "loss": loss_now, "lr": lr,
-                                                "images_per_s": speed})
-            if stop:
-                run.stopped = True
-                break
+                                                  "images_per_s": speed})
+        if stop:
+            run.stopped = True
+            break
     bar.close()
     return training.epoch_stats(epoch, loss_sum, steps, seen, t0)
 
@@ -191,22 +197,26 @@ def adam(net, lr, device):
 
 
 def main(args):
-    # -------------------------------------------------------------------- distributed and AMP set-up
-    env, resume, autocast, scaler, amp = training.start(args)
+    # -------------------------------------------------------------------- set-up: everything checked first
+    env, resume, experiment, autocast, scaler, amp = training.start(args, "segmentation")
 
     # -------------------------------------------------------------------- data
     with training.main_first(env):
         train_set = acdc.LabelledSlices(args.data, split="train", cache_dir=args.cache)
         val_set = acdc.LabelledSlices(args.data, split="val", cache_dir=args.cache)
+    spacing = acdc.spacing_range(train_set.volumes)  # stored in best.pt: predict.py warns outside it
     if args.label_fraction < 1:
         train_set = acdc.LabelFraction(train_set, args.label_fraction, args.seed)
     steps_per_epoch = training.steps_per_epoch(train_set, args.batch_size, env.world_size)
 
     # -------------------------------------------------------------------- model
     net = UNet(in_chans=1, num_classes=len(CLASSES), arch=args.arch)
-    loaded = "nothing (random initialisation)"
-    if args.weights != "none":
+    if resume:  # the resumed state replaces any initial weights
+        loaded = resume["config"]["weights"]
+    elif args.weights != "none":
         loaded = load_weights(net, args.weights, args.trust_checkpoint)
+    else:
+        loaded = "nothing (random initialisation)"
     net, model = training.wrap(net, env, args.compile)  # net: the plain module, for checkpoints and validation
 
     # -------------------------------------------------------------------- optimizer and schedule
@@ -216,31 +226,33 @@ def main(args):
                        warmup_steps=args.warmup_epochs * steps_per_epoch, mean=mean, std=std,
                        loss_fn=LOSSES[args.loss], autocast=autocast, best=-1.0, best_epoch=-1,
                        log=os.path.join(args.out, "log.jsonl"), stop=training.StopSignal(), stopped=False)
-    run.config = training.run_config(args, env, amp=amp, global_batch=args.batch_size * env.world_size,
-                                     train_slices=len(train_set), val_slices=len(val_set),
-                                     steps_per_epoch=steps_per_epoch, total_steps=run.total_steps,
-                                     weights=loaded, mean=run.mean, std=run.std)
+    run.config = training.run_config(args, env, experiment=experiment, data=acdc.describe(args.data), amp=amp,
+                                     global_batch=args.batch_size * env.world_size, train_slices=len(train_set),
+                                     val_slices=len(val_set), steps_per_epoch=steps_per_epoch,
+                                     total_steps=run.total_steps, weights=loaded, mean=run.mean, std=run.std,
+                                     train_spacing=spacing)
     generator = torch.Generator(device=env.device).manual_seed(args.seed * 65536 + env.rank)
-    meta = dict(arch=args.arch, in_chans=1, num_classes=len(CLASSES), mean=run.mean, std=run.std, config=run.config)
+    meta = dict(arch=args.arch, in_chans=1, num_classes=len(CLASSES), mean=run.mean, std=run.std,
+                train_spacing=spacing, config=run.config)
 
     # -------------------------------------------------------------------- resume
     start_epoch = 0
     if resume:
-        start_epoch, run.step = run_folder.resume(resume, "segmentation", net, optimizer, scaler, generator,
-                                                run.config, trust=args.trust_checkpoint)
+        start_epoch, run.step = run_folder.resume(resume, net, optimizer, scaler, generator, run.config)
         best = os.path.join(args.out, "best.pt")
         if os.path.exists(best):
             saved = read_checkpoint(best)
             run.best, run.best_epoch = saved["val"]["val_iou"], saved["epoch"]
-        if env.main:
-            print(f"resumed from {resume}: epoch {start_epoch}, step {run.step}")
     run.start_step = run.step
     if env.main:
-        print(f"fine-tuning: U-Net {args.arch}, weights: {loaded}; {len(train_set)} train slices "
-              f"(label fraction {args.label_fraction}), {len(val_set)} validation slices, global batch "
-              f"{args.batch_size * env.world_size}, {run.total_steps} steps, amp {amp}, device {env.device}")
+        if resume:
+            print(f"resumed from {args.resume}: epoch {start_epoch}, step {run.step}")
+        print(f"fine-tuning: U-Net {args.arch} on {acdc.describe(args.data)}, weights: {loaded}; "
+              f"{len(train_set)} train slices (label fraction {args.label_fraction}), {len(val_set)} validation "
+              f"slices, global batch {args.batch_size * env.world_size}, {run.total_steps} steps, amp {amp}, "
+              f"device {env.device}")
         training.print_config(run.config)
-        files.write_json(os.path.join(args.out, "config.json"), run.config)
+        run_folder.begin(args.out, run.config, resume)
 
     # -------------------------------------------------------------------- loop
     health = training.Health(env.device)
@@ -260,23 +272,31 @@ def main(args):
             if env.main and stats["val_iou"] > run.best:
                 run.best, run.best_epoch = stats["val_iou"], epoch
                 run_folder.save_atomic({"kind": "segmentation", "model": net.state_dict(), "epoch": epoch,
-                                      "val": stats, **meta}, os.path.join(args.out, "best.pt"))
+                                        "val": stats, **meta}, os.path.join(args.out, "best.pt"))
         if done and env.main:
             run_folder.append_jsonl(run.log, stats)
-            val = (f", val IoU {stats['val_iou']:.4f} (RV {stats['val_iou_RV']:.3f}, MYO {stats['val_iou_MYO']:.3f}, "
-                   f"LV {stats['val_iou_LV']:.3f})" if "val_iou" in stats else "")
+            run_folder.draw_curves(args.out, f"fine-tuning, {os.path.basename(os.path.abspath(args.out))}",
+                                   [("loss", "training loss"), ("val_iou", "validation IoU")])
+            val = (f", val IoU {stats['val_iou']:.4f} (RV {stats['val_iou_RV']:.3f}, "
+                   f"MYO {stats['val_iou_MYO']:.3f}, LV {stats['val_iou_LV']:.3f})" if "val_iou" in stats else "")
             print(f"epoch {epoch}: loss {stats['loss']:.4f}{val}, {stats['images_per_s']:.0f} images/s")
         if run.stopped or (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
             run_folder.save_checkpoint(os.path.join(args.out, "checkpoint.pt"), "segmentation", net, optimizer,
-                                     scaler, generator, epoch + done, run.step, **meta)
+                                       scaler, generator, epoch + done, run.step, **meta)
         if run.stopped:
             if env.main:
-                print(f"stopped at step {run.step}: {args.out}/checkpoint.pt written; continue with --resume auto")
+                print(f"stopped at step {run.step}: {args.out}/checkpoint.pt written; "
+                      f"continue with --resume auto")
             break
 
     # -------------------------------------------------------------------- save and tear-down
     if env.main and not run.stopped:
-        print(f"done: best validation IoU {run.best:.4f} at epoch {run.best_epoch}: {args.out}/best.pt")
+        written = [f for f in ("best.pt", "checkpoint.pt", "curves.svg")
+                   if os.path.exists(os.path.join(args.out, f))]
+        print(f"done: best validation IoU {run.best:.4f} at epoch {run.best_epoch}; in {args.out}: "
+              f"{', '.join(written)}")
+    if env.main:
+        run_folder.unlock(args.out)
     return net
 
 

@@ -11,6 +11,7 @@ loop -> save -> tear-down). Nothing here is run on its own.
 """
 import argparse
 import contextlib
+import datetime
 import itertools
 import math
 import os
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 import acdc
+import files
 import run_folder
 from checkpoints import CheckpointError
 
@@ -95,6 +97,8 @@ def add_common_args(parser, *, out, epochs, batch_size, size=224, size_multiple=
     p.add_argument("--norm", default="published", choices=["published", "data"],
                    help="input normalisation: the published models' ACDC statistics (mean 67.27, std 84.66), or "
                         "those of --data's labelled train slices; pretraining and fine-tuning should use the same")
+    p.add_argument("--dist-timeout", type=number(int, 1), default=600,
+                   help="under torchrun: seconds to wait for every rank to join the process group")
     return p
 
 
@@ -103,17 +107,22 @@ def normalisation(args):
     return (acdc.MEAN, acdc.STD) if args.norm == "published" else acdc.intensity_stats(args.data, args.cache)
 
 
-def start(args):
-    """the set-up both scripts open with -> (env, checkpoint to resume or None, autocast, scaler, amp).
-    A missing or empty data root fails here, with acdc.py's message, before any process group."""
+def start(args, kind):
+    """the set-up both scripts open with -> (env, checkpoint dict to resume or None, what the run
+    trains (for config.json), autocast, scaler, amp). Everything a run needs is checked here, before
+    any process group and before anything is written: the output folders, the data, the resume file."""
+    files.check_folder(args.out, "--out")
+    if args.cache:
+        files.check_folder(args.cache, "--cache")
     try:
         acdc.find_cases(args.data)
     except acdc.DatasetError as e:
         sys.exit(f"--data: {e}")
-    resume = run_folder.prepare_run(args.out, args.resume, args.overwrite)
-    env = setup(args.device)
+    experiment = run_folder.experiment_of(args)
+    resume = run_folder.prepare_run(args, kind, experiment)
+    env = setup(args.device, args.dist_timeout)
     torch.manual_seed(args.seed)
-    return (env, resume, *autocast(env.device, args.amp))
+    return (env, resume, experiment, *autocast(env.device, args.amp))
 
 
 # -----------------------------------------------------------------------------
@@ -128,11 +137,33 @@ class Env:
     main: bool  # rank 0: the only process that prints and writes files
 
 
-def setup(device="auto"):
-    ddp = "RANK" in os.environ
-    rank = int(os.environ.get("RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
+DDP_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_control = None  # a gloo group for host-side agreement (the stop flag), beside NCCL on GPUs
+
+
+def ddp_environment():
+    """-> (rank, world size, local rank) from torchrun's variables, or None without RANK; exits at
+    once, naming what is wrong, when RANK is set without the rest (a notebook or a Slurm script that
+    exported it): the process group would otherwise wait without a word"""
+    if "RANK" not in os.environ:
+        return None
+    missing = [k for k in DDP_ENV if k not in os.environ]
+    if missing:
+        sys.exit(f"RANK is set ({os.environ['RANK']}) but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                 f"not: start with torchrun, or unset RANK to run a single process")
+    try:
+        rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    except ValueError:
+        sys.exit(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers: {[os.environ[k] for k in DDP_ENV[:3]]}")
+    if not 0 <= rank < world:
+        sys.exit(f"RANK {rank} is not below WORLD_SIZE {world}: start with torchrun")
+    return rank, world, local
+
+
+def setup(device="auto", dist_timeout=600):
+    global _control
+    ddp = ddp_environment()
+    rank, world, local = ddp or (0, 1, 0)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
@@ -143,7 +174,14 @@ def setup(device="auto"):
         torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick the fastest kernels once
     if ddp:
         # nccl between GPUs, gloo on CPU (nccl has no CPU path)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        try:
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=dist_timeout))
+        except Exception as e:  # the store's timeout, a refused connection, ...
+            sys.exit(f"process group set-up failed after waiting up to --dist-timeout {dist_timeout} s for "
+                     f"{world} ranks at {address} (this is rank {rank}): {' '.join(str(e).split())[:200]}")
+        _control = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
     return Env(rank, world, local, torch.device(device), rank == 0)
 
 
@@ -153,13 +191,15 @@ def teardown():
 
 
 def run_main(main, args):
-    """call main(args) and always tear the process group down; an exception still ends this process
-    with its traceback and a non-zero status, and torchrun then stops every other rank"""
+    """call main(args), always give up the run folder's lock and tear the process group down; an
+    exception still ends this process with its traceback and a non-zero status, and torchrun then
+    stops every other rank"""
     try:
         return main(args)
     except (CheckpointError, acdc.DatasetError) as e:  # bad input: its message names the file, no traceback
         sys.exit(f"error: {e}")
     finally:
+        run_folder.unlock_all()
         teardown()
 
 
@@ -322,6 +362,16 @@ class StopSignal:
     def _handle(self, signum, frame):
         self.requested = True
 
+    def agreed(self):
+        """whether to stop after this step. Under DDP every rank must stop after the same step (or the
+        others would wait in the next all-reduce): the flag is all-reduced each step over gloo, on the
+        host, so no rank waits for its GPU; a rank's signal stops all of them after the current step"""
+        if _control is None or not dist.is_initialized():
+            return self.requested
+        flag = torch.tensor([float(self.requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_control)
+        return bool(flag.item())
+
 
 class Health:
     """finds a non-finite loss and a collapsing fp16 loss scale without a host sync per step: flags
@@ -336,17 +386,16 @@ class Health:
         bad = ~torch.isfinite(loss.detach())
         self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step), self.first_bad)
 
-    def check(self, loss, scaler, stop, epoch):
+    def check(self, loss, scaler, epoch):
         """at a logging interval, on every rank: raises FloatingPointError on a fault (on all ranks
-        alike); -> (this step's loss averaged over ranks, whether any rank was asked to stop)"""
-        flags = torch.stack([self.first_bad.double(), torch.tensor(float(stop), device=self.first_bad.device)])
-        all_reduce(flags, dist.ReduceOp.MAX)
+        alike); -> this step's loss averaged over ranks"""
+        first_bad = all_reduce(self.first_bad.clone(), dist.ReduceOp.MAX)
         loss = all_reduce(loss.detach().float().clone()) / (dist.get_world_size() if dist.is_initialized() else 1)
-        if flags[0] >= 0:
-            raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {int(flags[0])}: stopping; "
+        if first_bad >= 0:
+            raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {int(first_bad)}: stopping; "
                                      f"the last good checkpoint.pt is kept")
         if scaler.is_enabled() and scaler.get_scale() < self.MIN_SCALE:
             raise FloatingPointError(f"fp16 loss scale collapsed to {scaler.get_scale():.3g} at epoch {epoch}: "
                                      f"the grad scaler skipped many steps in a row; try --amp bf16 or a lower "
                                      f"learning rate")
-        return loss.item(), bool(flags[1] > 0)
+        return loss.item()

@@ -151,8 +151,9 @@ def test_cache_hit_and_invalidation(phantom, tmp_path, monkeypatch):
     root, folder = one_patient(phantom, tmp_path)
     first = acdc.LabelledSlices(root, "train")
     cache = os.path.join(root, ".cache")
-    entries = sorted(os.listdir(cache))
-    assert len(entries) == 4 and all(e.endswith(".npy") for e in entries)
+    entries = sorted(os.listdir(cache))  # each volume: the .npy and its checksum
+    assert len(entries) == 8 and sorted(e[:-4] for e in entries if e.endswith(".npy")) == \
+        sorted(e[:-5] for e in entries if e.endswith(".json"))
 
     def no_decoding(*args, **kw):
         raise AssertionError("decoded a cached volume")
@@ -167,7 +168,42 @@ def test_cache_hit_and_invalidation(phantom, tmp_path, monkeypatch):
     nib.save(nib.Nifti1Image(np.asanyarray(volume.dataobj) + 1, volume.affine, volume.header), image)
     third = acdc.LabelledSlices(root, "train")
     assert torch.equal(third[0]["image"], first[0]["image"] + 1)
-    assert len(os.listdir(cache)) == 4  # the stale entry is gone
+    assert len(os.listdir(cache)) == 8  # the stale entry is gone
+
+
+def test_a_changed_cache_entry_is_found_by_check_and_rebuilt(phantom, tmp_path, capsys):
+    """a cached volume zeroed in place would train on black images with real labels"""
+    root, folder = one_patient(phantom, tmp_path)
+    first = acdc.LabelledSlices(root, "train")
+    image_entry, expected = first.volumes[0]["cache"][0], first[0]["image"].clone()
+    del first  # its memory maps: reading a truncated mapped file would be a bus error
+    data = np.load(image_entry, mmap_mode="r+")
+    data[:] = 0  # zeroed in place: same size, same mtime of the source
+    data.flush()
+    del data
+    problems = acdc.check_dataset(root)
+    assert len(problems) == 1 and problems[0].startswith(image_entry) and "checksum" in problems[0]
+    again = acdc.LabelledSlices(root, "train")  # rebuilt, with a notice naming it
+    assert f"notice: the cache entry {image_entry}" in capsys.readouterr().out
+    assert torch.equal(again[0]["image"], expected) and expected.abs().sum() > 0
+    del again
+    with open(image_entry, "r+b") as f:  # truncated: rebuilt too
+        f.truncate(100)
+    assert torch.equal(acdc.LabelledSlices(root, "train")[0]["image"], expected)
+    assert "truncated" in capsys.readouterr().out
+    assert acdc.check_dataset(root) == []
+
+
+@pytest.mark.parametrize("kind", ["dangling", "loop"])
+def test_a_broken_patient_link_is_a_problem(phantom, tmp_path, kind):
+    root, folder = one_patient(phantom, tmp_path)
+    link = tmp_path / "training" / "patient013"
+    os.symlink(tmp_path / "nowhere" if kind == "dangling" else link, link)
+    problems = acdc.check_dataset(root)
+    assert len(problems) == 1 and problems[0].startswith(str(link))
+    assert ("loop" if kind == "loop" else "does not exist") in problems[0]
+    with pytest.raises(acdc.DatasetError, match="patient013"):  # training does not drop it silently
+        acdc.LabelledSlices(root, "train")
 
 
 def test_cache_falls_back_when_root_is_not_writable(tmp_path, monkeypatch):

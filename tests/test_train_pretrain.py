@@ -32,8 +32,9 @@ def step_losses(out):
 
 def test_short_run_writes_every_file_and_the_backbone_loads(tiny_acdc, tmp_path):
     out = tmp_path / "run"
-    run(tiny_acdc, out, "--save-backbone-epochs", "1")
-    assert sorted(os.listdir(out)) == ["backbone.pth", "backbone_ep001.pth", "checkpoint.pt", "config.json", "log.jsonl"]
+    run(tiny_acdc, out, "--save-backbone-epochs", "0,1")
+    assert sorted(os.listdir(out)) == ["backbone.pth", "backbone_ep000.pth", "backbone_ep001.pth", "checkpoint.pt",
+                                       "config.json", "curves.svg", "log.jsonl"]  # the lock is gone at the end
     config = json.load(open(out / "config.json"))
     assert config["args"]["arch"] == "resnet18" and config["world_size"] == 1
     assert config["lr_scaled"] == pytest.approx(0.5 * 8 / 256)  # the paper's linear scaling rule
@@ -53,6 +54,9 @@ def test_short_run_writes_every_file_and_the_backbone_loads(tiny_acdc, tmp_path)
     assert not torch.equal(state["conv1.weight"], ckpt["model"]["backbone.conv1.weight"])  # target != online
     after_one = torch.load(out / "backbone_ep001.pth", weights_only=True)  # the copy kept after epoch 1
     assert not torch.equal(after_one["conv1.weight"], state["conv1.weight"])
+    initial = torch.load(out / "backbone_ep000.pth", weights_only=True)  # before any training
+    assert not torch.equal(initial["conv1.weight"], after_one["conv1.weight"])
+    assert [e["lr"] > 0 and e["proj_std"] > 0 for e in epochs] == [True, True]  # what curves.svg draws
 
 
 def test_resume_continues_exactly(tiny_acdc, tmp_path):
@@ -124,7 +128,7 @@ def test_torchrun_two_processes_on_cpu(tiny_acdc, tmp_path):
     assert config["world_size"] == 2
     epochs = [json.loads(line) for line in open(out / "log.jsonl") if '"steps"' in line]
     assert len(epochs) == 1                                # rank 0 alone writes
-    assert sorted(os.listdir(out)) == ["backbone.pth", "checkpoint.pt", "config.json", "log.jsonl"]
+    assert sorted(os.listdir(out)) == ["backbone.pth", "checkpoint.pt", "config.json", "curves.svg", "log.jsonl"]
 
 
 FAILING = """
@@ -147,3 +151,30 @@ def test_an_error_on_one_rank_ends_the_whole_job(tiny_acdc, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)  # a hang fails here
     assert done.returncode != 0
     assert "RuntimeError: rank 1 broke" in done.stderr   # the failing rank's traceback reaches the user
+
+
+SIGNALLED = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import train_pretrain
+real, calls = train_pretrain.train_step, [0]
+def step_then_signal(*args):  # rank 1 alone is told to stop, during its second step
+    calls[0] += 1
+    if calls[0] == 2 and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args)
+train_pretrain.train_step = step_then_signal
+train_pretrain.main(train_pretrain.parse_args(sys.argv[1:]))
+print("rank", os.environ["RANK"], "steps", calls[0])
+"""
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tiny_acdc, tmp_path):
+    script, out = tmp_path / "signalled.py", tmp_path / "ddp"
+    script.write_text(SIGNALLED.format(root=ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script),
+           *tiny_args(tiny_acdc, out, "--epochs", "1", "--log-every", "100")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 0 steps 2" in done.stdout and "rank 1 steps 2" in done.stdout
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2

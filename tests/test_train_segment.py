@@ -3,6 +3,7 @@ starts from a pretrained backbone and subsamples labels."""
 import json
 import os
 import signal
+import tempfile
 
 import pytest
 import torch
@@ -136,3 +137,40 @@ def test_norm_data_uses_and_stores_the_train_split_statistics(tiny_acdc, tmp_pat
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     assert (best["mean"], best["std"]) == pytest.approx((mean, std))
     assert best["mean"] != pytest.approx(acdc.MEAN)
+
+
+def test_progress_shows_no_iou_before_the_first_validation():
+    assert "best_iou" not in train_segment.progress(0.5, 1e-4, -1.0, 10)
+    assert train_segment.progress(0.5, 1e-4, 0.8123, 10)["best_iou"] == "0.812"
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        train_segment.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: resnet50)", "(default: 150)", "(default: 192)", "(default: runs/segment)",
+                    "(default: jaccard)", "(default: 0.0001)"):
+        assert default in out
+
+
+@pytest.mark.parametrize("flag", ["--out", "--cache"])
+def test_output_folders_are_checked_before_anything_runs(tiny_acdc, tmp_path, flag, monkeypatch):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(SystemExit, match=f"{flag} {a_file}: a file, not a folder"):
+        run(tiny_acdc, tmp_path / "run", flag, str(a_file))
+    real = tempfile.TemporaryFile
+
+    def refused(dir=None, **kw):  # a folder this user may not write into (root may write anywhere)
+        if dir == str(tmp_path / "read-only"):
+            raise PermissionError(13, "Permission denied")
+        return real(dir=dir, **kw)
+    monkeypatch.setattr(tempfile, "TemporaryFile", refused)
+    with pytest.raises(SystemExit, match=f"{flag} {tmp_path}/read-only: cannot write there .Permission denied"):
+        run(tiny_acdc, tmp_path / "run", flag, str(tmp_path / "read-only"))
+
+
+def test_the_data_read_is_named_and_a_phantom_says_so(tiny_acdc, tmp_path, capsys):
+    run(tiny_acdc, tmp_path / "run", "--epochs", "1")
+    assert f"on {os.path.abspath(tiny_acdc)} (synthetic phantom, not ACDC)" in capsys.readouterr().out
+    assert "synthetic phantom" in json.load(open(tmp_path / "run" / "config.json"))["data"]

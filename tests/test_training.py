@@ -1,7 +1,11 @@
 """training.py: the schedule, the run folder rules, atomic writes, RNG round trip, fault detection."""
+import argparse
 import math
 import os
 import random
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,6 +13,8 @@ import torch
 import files
 import run_folder
 import training
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_warmup_cosine_values():
@@ -24,18 +30,26 @@ def test_warmup_cosine_values():
 
 def test_prepare_run_refuses_another_run(tmp_path):
     out = str(tmp_path / "run")
-    assert run_folder.prepare_run(out, None, False) is None  # a new folder is fine
+    os.makedirs(out)
+    args = lambda resume=None, overwrite=False: argparse.Namespace(  # noqa: E731
+        out=out, resume=resume, overwrite=overwrite, trust_checkpoint=False)
+    assert run_folder.prepare_run(args(), "byol", {}) is None  # a new folder is fine
     files.write_json(os.path.join(out, "config.json"), {"a": 1})
     with pytest.raises(SystemExit, match="holds another run"):
-        run_folder.prepare_run(out, None, False)
-    assert run_folder.prepare_run(out, "auto", False) is None  # nothing to resume yet
-    run_folder.save_atomic({"x": torch.zeros(1)}, os.path.join(out, "checkpoint.pt"))
-    assert run_folder.prepare_run(out, "auto", False) == os.path.join(out, "checkpoint.pt")
+        run_folder.prepare_run(args(), "byol", {})
+    assert run_folder.prepare_run(args("auto"), "byol", {}) is None  # nothing to resume yet
+    ckpt = {"kind": "byol", "optimizer": {}, "config": {"experiment": {"seed": 0}}, "epoch": 1, "step": 3}
+    run_folder.save_atomic(ckpt, os.path.join(out, "checkpoint.pt"))
+    assert run_folder.prepare_run(args("auto"), "byol", {"seed": 0})["step"] == 3
     run_folder.save_atomic({"x": torch.zeros(1)}, os.path.join(out, "best.pt"))
-    assert run_folder.prepare_run(out, None, True) is None     # --overwrite: nothing of the old run is left
-    assert os.listdir(out) == []
+    assert run_folder.prepare_run(args(overwrite=True), "byol", {}) is None  # --overwrite: allowed ...
+    assert "best.pt" in os.listdir(out)  # ... but nothing is removed until the new run writes its own
+    run_folder.begin(out, {"b": 2}, None)
+    assert sorted(os.listdir(out)) == ["config.json", "run.lock"]
     with pytest.raises(SystemExit, match="not found"):
-        run_folder.prepare_run(out, str(tmp_path / "missing.pt"), False)
+        run_folder.prepare_run(args(str(tmp_path / "missing.pt")), "byol", {})
+    run_folder.unlock(out, completely=True)
+    assert os.listdir(out) == ["config.json"]
 
 
 def test_save_atomic_leaves_no_temporary(tmp_path):
@@ -61,21 +75,21 @@ def test_health_finds_the_first_non_finite_step():
     for step, value in enumerate([1.0, 2.0, math.nan, 3.0, math.inf]):
         health.watch(torch.tensor(value), step)
     with pytest.raises(FloatingPointError, match="epoch 4, step 2"):
-        health.check(torch.tensor(1.0), scaler, False, epoch=4)
+        health.check(torch.tensor(1.0), scaler, epoch=4)
 
 
-def test_health_passes_finite_losses_and_reports_a_stop_request():
+def test_health_passes_finite_losses():
     health, scaler = training.Health(torch.device("cpu")), torch.amp.GradScaler("cpu", enabled=False)
     health.watch(torch.tensor(0.5), 0)
-    assert health.check(torch.tensor(0.5), scaler, False, 0) == (0.5, False)
-    assert health.check(torch.tensor(0.25), scaler, True, 0) == (0.25, True)
+    assert health.check(torch.tensor(0.5), scaler, 0) == 0.5
+    assert health.check(torch.tensor(0.25), scaler, 0) == 0.25
 
 
 def test_health_stops_on_a_collapsed_fp16_scale():
     health = training.Health(torch.device("cpu"))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** -3)  # what many skipped steps in a row leave
     with pytest.raises(FloatingPointError, match="loss scale collapsed"):
-        health.check(torch.tensor(1.0), scaler, False, 7)
+        health.check(torch.tensor(1.0), scaler, 7)
 
 
 def test_autocast_off_on_cpu_by_default():
@@ -95,3 +109,28 @@ def test_epoch_sampler_orders_by_epoch_and_skips_what_was_seen():
     assert list(sampler) != whole                       # another epoch, another order
     sampler.set_epoch(2, skip=4)
     assert list(sampler) == whole[4:] and len(sampler) == 6
+
+
+def test_rank_without_torchrun_fails_at_once_naming_what_is_missing(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    for k in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(SystemExit, match="RANK is set .* but LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT are not"):
+        training.setup("cpu")
+    monkeypatch.setenv("LOCAL_RANK", "0"), monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1"), monkeypatch.setenv("MASTER_PORT", "29999")
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(SystemExit, match="RANK 2 is not below WORLD_SIZE 2"):
+        training.setup("cpu")
+
+
+def test_process_group_set_up_times_out_naming_the_address():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    code = f"import sys; sys.path.insert(0, {ROOT!r}); import training; training.setup('cpu', dist_timeout=3)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert f"after waiting up to --dist-timeout 3 s for 2 ranks at 127.0.0.1:{port}" in done.stderr

@@ -1,0 +1,131 @@
+"""run_folder.py: the run folder's lock (one owner, stale locks taken over), log truncation on resume,
+and, through train_segment.py, what the folder rules protect: an old run from a typo, a run from
+a resume with other flags, a folder from a second process, a checkpoint from a killed save."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import run_folder
+import train_segment
+from checkpoints import CheckpointError
+from test_train_segment import records, run
+
+
+def write_lock(folder, **owner):
+    os.makedirs(folder, exist_ok=True)
+    record = {"host": socket.gethostname(), "pid": os.getpid(), "started": "2026-01-01 00:00:00",
+              "heartbeat": time.time(), **owner}
+    with open(os.path.join(folder, run_folder.LOCK), "w") as f:
+        json.dump(record, f)
+
+
+@pytest.fixture
+def other_process():
+    """a live process that is not this one, to own a lock"""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+def test_a_second_run_in_the_same_folder_is_refused(tiny_acdc, tmp_path, other_process):
+    out = tmp_path / "run"
+    write_lock(out, pid=other_process)
+    with pytest.raises(SystemExit, match=rf"--out {out} is in use by another run: host .*, process {other_process}"):
+        run(tiny_acdc, out)
+    assert os.listdir(out) == [run_folder.LOCK]  # nothing of the second run was written
+
+
+def test_a_stale_lock_is_taken_over_with_a_notice(tiny_acdc, tmp_path, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    write_lock(tmp_path / "a", pid=dead.pid)  # its process is gone
+    write_lock(tmp_path / "b", host="another-node", pid=1, heartbeat=time.time() - run_folder.STALE_S - 5)
+    for folder in ("a", "b"):
+        run_folder.lock(str(tmp_path / folder))
+        owner = json.load(open(tmp_path / folder / run_folder.LOCK))
+        assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
+        run_folder.unlock(str(tmp_path / folder))
+        assert not os.path.exists(tmp_path / folder / run_folder.LOCK)
+    out = capsys.readouterr().out
+    assert f"process {dead.pid} is gone" in out and "no heartbeat for" in out
+    write_lock(tmp_path / "c", host="another-node", pid=1)  # alive by its heartbeat: not taken
+    with pytest.raises(SystemExit, match="in use by another run: host another-node"):
+        run_folder.lock(str(tmp_path / "c"))
+
+
+def test_the_lock_counts_its_holders(tmp_path):
+    folder = str(tmp_path)
+    run_folder.lock(folder)
+    run_folder.lock(folder)  # the study runner holds it, training takes it again
+    run_folder.unlock(folder)
+    assert os.path.exists(tmp_path / run_folder.LOCK)
+    run_folder.unlock(folder)
+    assert not os.path.exists(tmp_path / run_folder.LOCK)
+
+
+def test_a_typo_with_overwrite_leaves_the_old_run_intact(tiny_acdc, tmp_path):
+    out = tmp_path / "run"
+    run(tiny_acdc, out, "--epochs", "1")
+    before = {f: os.path.getmtime(out / f) for f in os.listdir(out)}
+    with pytest.raises(CheckpointError, match="missing.pth"):
+        run(tiny_acdc, out, "--epochs", "1", "--overwrite", "--weights", str(tmp_path / "missing.pth"))
+    run_folder.unlock(str(out), completely=True)  # main() raised; run_main would have given it back
+    assert {f: os.path.getmtime(out / f) for f in os.listdir(out)} == before
+
+
+def test_resume_refuses_flags_that_change_what_is_trained(tiny_acdc, tmp_path, capsys):
+    out = tmp_path / "run"
+    run(tiny_acdc, out, "--label-fraction", "0.5", "--stop-after", "2")
+    with pytest.raises(SystemExit) as refused:
+        run(tiny_acdc, out, "--resume", "auto", "--label-fraction", "1.0", "--loss", "dice")
+    message = str(refused.value)
+    assert "--label-fraction was 0.5, now 1.0" in message and "--loss was jaccard, now dice" in message
+    torch.save({"kind": "segmentation", "model": {}, "epoch": 0}, tmp_path / "best.pt")  # best.pt's form
+    with pytest.raises(SystemExit, match="no optimizer state"):  # best.pt is not a checkpoint to resume
+        run(tiny_acdc, tmp_path / "other", "--resume", str(tmp_path / "best.pt"))
+    # how it runs may change; so may the data's place (a copy on local scratch): it is the same data
+    run(tiny_acdc, out, "--resume", "auto", "--label-fraction", "0.5", "--log-every", "2", "--workers", "1")
+    config = json.load(open(out / "config.json"))
+    assert config["args"]["log_every"] == 2 and config["experiment"]["label_fraction"] == 0.5
+
+
+def test_resume_removes_what_a_killed_save_left_and_redone_log_lines(tiny_acdc, tmp_path):
+    out = tmp_path / "run"
+    run(tiny_acdc, out, "--stop-after", "3")
+    (out / ".tmp99999.checkpoint.pt").write_bytes(b"\0" * 1000)  # a save killed mid-way
+    with open(out / "log.jsonl", "a") as f:  # steps logged after the checkpoint, then killed
+        f.write(json.dumps({"epoch": 0, "step": 4, "loss": 9.0, "lr": 0.1, "images_per_s": 1.0}) + "\n")
+    run(tiny_acdc, out, "--resume", "auto")
+    assert not any(name.startswith(".tmp") for name in os.listdir(out))
+    steps = [r["step"] for r in records(out) if "steps" not in r]
+    assert steps == sorted(set(steps)) and 9.0 not in [r["loss"] for r in records(out)]
+
+
+def test_a_signal_stops_a_single_process_after_the_current_step(tiny_acdc, tmp_path, monkeypatch):
+    real, calls = train_segment.train_step, {"n": 0}
+
+    def step_then_signal(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), 15)  # SIGTERM during step 2
+        return real(*args)
+    monkeypatch.setattr(train_segment, "train_step", step_then_signal)
+    run(tiny_acdc, tmp_path / "run", "--log-every", "100")  # no logging interval to wait for
+    assert calls["n"] == 2
+    assert max(r["step"] for r in records(tmp_path / "run") if "step" in r) == 2
+
+
+def test_log_truncation_keeps_what_the_checkpoint_holds(tmp_path):
+    path = tmp_path / "log.jsonl"
+    lines = [{"epoch": 0, "step": 1}, {"epoch": 0, "step": 2}, {"epoch": 0, "steps": 2},
+             {"epoch": 1, "step": 3}, {"epoch": 1, "step": 4}, {"epoch": 1, "steps": 2}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    run_folder.truncate_log(str(path), step=3, epoch=1)  # stopped after step 3, in epoch 1
+    assert [json.loads(line) for line in open(path)] == lines[:4]
