@@ -206,7 +206,7 @@ def main(args):
     net = UNet(in_chans=1, num_classes=len(CLASSES), arch=args.arch)
     loaded = "nothing (random initialisation)"
     if args.weights != "none":
-        loaded = load_weights(net, args.weights, args.trust_checkpoint)
+        loaded = load_weights(net, args.weights, args.trust_checkpoint, flag="--weights")
     net, model = training.wrap(net, env, args.compile)  # net: the plain module, for checkpoints and validation
 
     # -------------------------------------------------------------------- optimizer and schedule
