@@ -17,20 +17,20 @@ set (torchvision's and timm's names: conv1, bn1, layer1.0.conv1, ..., layer1.0.d
                                                   model.segmentation_head.0.*}
     this project's checkpoint.pt, best.pt        {kind: byol | segmentation, model: ..., config, ...}
 
-From BYOL files the paper fine-tuned the target (momentum) backbone; so does load_backbone by default.
-A 3-channel conv1 becomes 1-channel by summing over the colour axis, as the paper did.
-
-Files are unpickled with torch.load(weights_only=True): tensors and plain containers only, so a file
-cannot run code while it loads; trust=True (the scripts' --trust-checkpoint) lifts that.
+From BYOL files the paper fine-tuned the target (momentum) backbone; so does load_backbone by default. A
+3-channel conv1 becomes 1-channel by summing over the colour axis, as the paper did. A known name that is no
+file (weights.py) is fetched first; messages name the file, after its flag where given (flag="--weights").
 """
 import math
-import os
 import pickle
+import zipfile
 from collections import Counter
+from collections.abc import Mapping
 
 import torch
 
 import acdc
+import weights
 from resnet import ARCHS
 from unet import UNet
 
@@ -42,9 +42,14 @@ class CheckpointError(Exception):
 # -----------------------------------------------------------------------------
 # reading a file safely
 
-def read_checkpoint(source, trust=False):
-    """the one torch.load of the project: a path -> the dict it holds (a dict is returned as is).
+def describe(source, flag=None, name=None):
+    """how messages name a checkpoint: the flag it came from, then the file ('--weights FILE')"""
+    name = name or ("checkpoint dict" if isinstance(source, dict) else str(source))
+    return f"{flag} {name}" if flag else name
 
+
+def read_checkpoint(source, trust=False, flag=None, name=None):
+    """the one torch.load of the project: a path or a known name -> the dict it holds (a dict as is).
     Only tensors and plain containers are unpickled, so a file cannot run code while it loads;
     trust=True (the scripts' --trust-checkpoint) lifts that, for files the user vouches for."""
     if isinstance(source, dict):
@@ -52,45 +57,62 @@ def read_checkpoint(source, trust=False):
     # before 2.6 the weights-only unpickler could still be made to run code (CVE-2025-32434)
     if tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 6):
         raise CheckpointError(f"reading checkpoints safely needs torch >= 2.6, this is {torch.__version__}")
-    path = str(source)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: not found")
+    label = describe(source, flag, name)
     try:
-        with torch.serialization.safe_globals([] if trust else stand_ins(path)):
+        path = weights.resolve(source)  # an existing file as it is; a known name from the cache or the web
+    except weights.WeightsError as e:
+        raise CheckpointError(f"{flag} {e}" if flag else str(e)) from None
+    if why := not_torch_save(path):
+        raise CheckpointError(f"{label}: not a PyTorch checkpoint ({why})")
+    names = [] if trust else stand_ins(path)
+    try:
+        with torch.serialization.safe_globals(names):
             ckpt = torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as e:
-        if trust:
-            raise CheckpointError(f"{path}: not a PyTorch checkpoint ({gist(e)})") from e
-        # torch's message is long: keep the line that says what it refused
-        refused = [line for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line]
-        raise CheckpointError(
-            f"{path}: the safe loader (torch.load weights_only=True) refused it: "
-            f"{gist(refused[0]) if refused else 'not only tensors'}. Unpickling other objects can "
-            "run code stored in the file; if you trust where it came from, pass --trust-checkpoint") from e
-    except Exception as e:  # a damaged zip archive, a truncated pickle, a file of another kind
-        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: "
-                              f"{gist(e)}); truncated, damaged, or another kind of file?") from e
+        # torch's message is long: keep its first line that says what it refused
+        detail = gist([line for line in str(e).split("WeightsUnpickler error:")[-1].splitlines() if line.strip()][0])
+        if trust or ("GLOBAL" not in detail and "Can only" not in detail):
+            raise CheckpointError(f"{label}: not a PyTorch checkpoint, or a damaged one ({detail})") from e
+        raise CheckpointError(f"{label}: the safe loader (torch.load weights_only=True) refused it: {detail}. "
+                              "Unpickling other objects can run code stored in the file; if you trust where "
+                              "it came from, pass --trust-checkpoint") from e
+    except Exception as e:  # a damaged archive, a truncated pickle
+        raise CheckpointError(f"{label}: a truncated or damaged PyTorch checkpoint? ({type(e).__name__}: "
+                              f"{gist(e)})") from e
     if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path}: holds a {type(ckpt).__name__}, not a dict of tensors")
-    return ckpt
+        raise CheckpointError(f"{label}: holds a {type(ckpt).__name__}, not a dict of tensors")
+    return plain(ckpt) if names else ckpt
 
 
-# Lightning and OmegaConf keep a run's hyper-parameters as their own classes, which the safe loader
-# refuses and which need those libraries (not dependencies) for a full unpickle. The loaders never
-# read them: inert stand-ins take their place, so the tensors of a Lightning .ckpt load safely.
-# Any other object still needs --trust-checkpoint.
-METADATA_MODULES = ("pytorch_lightning.", "lightning.", "lightning_fabric.", "omegaconf.", "typing.",
-                    "pathlib.", "argparse.Namespace")
+def not_torch_save(path):
+    """why the file cannot be torch.save's (a zip archive holding data.pkl, or before torch 1.6 a pickle)"""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+        return None if any(n.endswith("data.pkl") for n in names) else f"a zip archive of {few(names, 3)}"
+    with open(path, "rb") as f:
+        head = f.read(16)
+    return None if head.startswith((b"PK\x03\x04", b"\x80")) else f"it starts with {head!r}, not a zip archive"
 
 
-class Inert:
-    """stands in for a metadata object: takes any arguments and state, runs nothing"""
+# Lightning and OmegaConf keep a run's hyper-parameters as their own classes, which the safe loader refuses
+# and which need those libraries (not dependencies) to unpickle. Stand-ins take their place: they run nothing,
+# keep the plain content of the pickled state (dicts, lists, numbers, strings) and are replaced by it once
+# loaded, so a Lightning .ckpt loads safely and its config reads as a dict. Other objects need trust.
+METADATA_MODULES = ("pytorch_lightning.", "lightning.", "lightning_fabric.", "omegaconf.", "typing.", "pathlib.",
+                    "argparse.Namespace", "collections.defaultdict",  # and the types OmegaConf's metadata names:
+                    *(f"builtins.{t}" for t in "dict list tuple str int float bool object".split()))
 
-    def __init__(self, *args, **kwargs):
-        pass
 
-    def __setstate__(self, state):
-        pass
+class Plain:
+    """stands in for a metadata object (its subclass's `name`): takes any arguments and state, keeps them"""
+    content = None  # an object pickled without state
+
+    def __init__(self, *args, **kwargs):  # built by a call: a path from its parts, for instance
+        self.content = args
+
+    def __setstate__(self, state):  # built from its attributes: OmegaConf's nodes, dataclasses, Namespace
+        self.content = state
 
 
 def stand_ins(path):
@@ -101,26 +123,55 @@ def stand_ins(path):
         return []
     if not all(n.startswith(METADATA_MODULES) for n in names):
         return []
-    # AttributeDict is a dict with attribute access: a plain dict keeps its content
-    return [(dict if n.endswith(".AttributeDict") else Inert, n) for n in names]
+    # AttributeDict is a dict with attribute access, defaultdict(factory) a dict: plain dicts keep their
+    # content (the unpickler fills no other kind); every other name gets a Plain of its own
+    return [(dict if n.endswith(".AttributeDict") else (lambda *factory: {}) if n == "collections.defaultdict"
+             else type(n.rsplit(".", 1)[-1], (Plain,), {"name": n}), n) for n in names]
+
+
+def plain(obj, active=frozenset()):
+    """obj with every stand-in replaced by its plain content: an OmegaConf DictConfig or ListConfig by
+    the dict or list of its values (its pickled state keeps them under '_content', each value node's
+    under '_val'), another object by the dict of its attributes, a type by its name. In place."""
+    if id(obj) in active:  # a container inside itself (a crafted file): cut the loop
+        return None
+    active = active | {id(obj)}
+    if isinstance(obj, type) and issubclass(obj, Plain):
+        return obj.name
+    if isinstance(obj, Plain):
+        state = obj.content
+        if isinstance(state, dict) and ("_content" in state or "_val" in state):  # OmegaConf's (not its _parent)
+            return plain(state["_content"] if "_content" in state else state["_val"], active)
+        return plain(state, active)
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            obj[k] = plain(v, active)
+    elif isinstance(obj, list):
+        obj[:] = [plain(v, active) for v in obj]
+    elif isinstance(obj, tuple):
+        return tuple(plain(v, active) for v in obj)
+    return obj
 
 
 def state_dict_of(ckpt):
     """a loaded checkpoint -> (what the file is, the state dict inside it, names of its other entries)"""
+    what, state, others = "state dict", ckpt, []
     if isinstance(ckpt.get("state_dict"), dict):  # PyTorch Lightning (solo-learn, the paper's U-Net)
-        state = ckpt["state_dict"]
-        # the paper's segmentation module held the U-Net as self.model
-        if any(k.startswith("model.encoder.") for k in state):
+        what, state = "Lightning checkpoint", ckpt["state_dict"]
+        others = [k for k in ckpt if k != "state_dict"]
+        if any(k.startswith("model.encoder.") for k in state):  # the paper's module held the U-Net as .model
             state = {k.removeprefix("model."): v for k, v in state.items()}
-        return "Lightning checkpoint", state, [k for k in ckpt if k != "state_dict"]
-    if ckpt.get("kind") in ("byol", "segmentation"):  # this project's checkpoint.pt / best.pt
+    elif ckpt.get("kind") in ("byol", "segmentation"):  # this project's checkpoint.pt / best.pt
+        what, state = f"this project's {ckpt['kind']} checkpoint", ckpt["model"]
         others = [k for k in ckpt if k != "model"]
-        return f"this project's {ckpt['kind']} checkpoint", ckpt["model"], others
-    if isinstance(ckpt.get("target_backbone"), dict):  # yaox12/BYOL-PyTorch: one state dict per network
+    elif isinstance(ckpt.get("target_backbone"), dict):  # yaox12/BYOL-PyTorch: one state dict per network
         nets = ("online_backbone", "target_backbone")
         state = {f"{net}.{k}": v for net in nets for k, v in ckpt.get(net, {}).items()}
-        return "yaox12/BYOL-PyTorch checkpoint", state, [k for k in ckpt if k not in nets]
-    return "state dict", ckpt, []
+        what, others = "yaox12/BYOL-PyTorch checkpoint", [k for k in ckpt if k not in nets]
+    if "encoder.model.conv1.weight" in state:  # SMP's timm encoder ("tu-resnet50", the paper's) has a .model
+        state = {k.replace("encoder.model.", "encoder.", 1) if k.startswith("encoder.model.") else k: v
+                 for k, v in state.items()}
+    return what, state, others
 
 
 # -----------------------------------------------------------------------------
@@ -144,15 +195,15 @@ def summarize_unused(keys, others=()):
     return ", ".join(parts) or "nothing"
 
 
-def resnet_arch(state):
-    """which of ARCHS has the tensor names of `state` (18 and 34 differ in depth, 50 has conv3)"""
+def resnet_arch(state, exact=False):
+    """which of ARCHS has the tensor names of `state` (18 and 34 differ in depth, 50 has conv3): the
+    nearest, or with exact=True the one with exactly these names (None if there is none)"""
     def names(keys):  # num_batches_tracked may be missing from legacy files: leave it out
         return {k for k in keys if not k.endswith("num_batches_tracked")}
-
-    def mismatch(arch):
-        with torch.device("meta"):  # a skeleton only: no memory, no initialisation cost
-            return len(names(ARCHS[arch]().state_dict()) ^ names(state))
-    return min(ARCHS, key=mismatch)
+    with torch.device("meta"):  # skeletons only: no memory, no initialisation cost
+        mismatch = {arch: len(names(make().state_dict()) ^ names(state)) for arch, make in ARCHS.items()}
+    arch = min(mismatch, key=mismatch.get)
+    return None if exact and mismatch[arch] else arch
 
 
 def check_state_dict(model, state, name):
@@ -188,66 +239,80 @@ def adapt_conv1(weight, in_chans):
 # -----------------------------------------------------------------------------
 # backbones
 
-# Where each known layout keeps its backbone, tried in order: (what it is, prefix of the target
-# (momentum) backbone, prefix of the online one, or None where there is one backbone only).
-# The paper fine-tuned the target backbone.
+# Where each known layout keeps its backbone, tried in order: (what it is, prefix of the target (momentum)
+# backbone, which the paper fine-tuned, prefix of the online one or None where there is one backbone only).
 BACKBONE_LAYOUTS = [
     ("BYOL", "target_backbone.", "backbone."),  # this project's
     ("solo-learn BYOL", "momentum_backbone.", "backbone."),
     ("BYOL", "target_backbone.module.", "online_backbone.module."),  # yaox12's, saved from DataParallel
     ("BYOL", "target_backbone.", "online_backbone."),  # yaox12's, saved without it
-    ("U-Net encoder, timm", "encoder.model.", None),  # SMP's "tu-resnet50" encoder: the paper's U-Net
     ("U-Net encoder", "encoder.", None),
     ("ResNet", "", None),
 ]
 
 
-def load_backbone(source, in_chans=1, branch="target", trust=False, arch=None):
-    """any checkpoint holding a ResNet -> state dict for ARCHS[arch](in_chans) (no fc), checked.
+def find_backbone(state):
+    """-> the entry of BACKBONE_LAYOUTS whose keys `state` has, or None"""
+    return next(((layout, target, online) for layout, target, online in BACKBONE_LAYOUTS if target + "conv1.weight"
+                 in state and (online is None or online + "conv1.weight" in state)), None)
 
-    source: a path or an already loaded dict. branch: "target" or "online", for BYOL files.
-    arch: None finds it from the tensor names; given, the file must hold that ResNet."""
+
+def split_backbone(state, label, what, branch="target"):
+    """-> (layout, prefix, online prefix, the backbone's tensors without prefix or fc, keys left unused)"""
+    if find_backbone(state) is None:  # the layout is told by the keys, never by the file name
+        raise CheckpointError(f"{label}: no ResNet found in this {what}; its keys: {few(state)}")
+    layout, target, online = find_backbone(state)
+    prefix = online if branch == "online" and online is not None else target
+    fc = {prefix + "fc.weight", prefix + "fc.bias"}  # the ImageNet classifier: the U-Net has no use for it
+    backbone = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and k not in fc}
+    unused = [k for k in state if not k.startswith(prefix) or k in fc]
+    return layout, prefix, online, backbone, unused
+
+
+def load_backbone(source, in_chans=1, branch="target", trust=False, arch=None, flag=None, name=None):
+    """any checkpoint holding a ResNet -> state dict for ARCHS[arch](in_chans) (no fc), checked.
+    source: a path, a known name or an already loaded dict. branch: "target" or "online", for BYOL
+    files. arch: None finds it from the tensor names; given, the file must hold that ResNet."""
     if branch not in ("target", "online"):
         raise ValueError(f"branch must be 'target' or 'online', not {branch!r}")
-    name = "checkpoint dict" if isinstance(source, dict) else str(source)
-    what, state, others = state_dict_of(read_checkpoint(source, trust))
-
-    # the layout is told by the keys, never by the file name
-    for layout, target, online in BACKBONE_LAYOUTS:
-        if target + "conv1.weight" in state and (online is None or online + "conv1.weight" in state):
-            break
-    else:
-        raise CheckpointError(f"{name}: no ResNet found in this {what}; its keys: {few(state)}")
-    prefix = online if branch == "online" and online is not None else target
-    backbone = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    unused = [k for k in state if not k.startswith(prefix)]
-    for k in ("fc.weight", "fc.bias"):  # the ImageNet classifier: the U-Net has no use for it
-        if k in backbone:
-            unused.append(prefix + k)
-            del backbone[k]
-
-    arch = arch or resnet_arch(backbone)
+    label, name = describe(source, flag, name), describe(source, None, name)
+    what, state, others = state_dict_of(read_checkpoint(source, trust, flag, name))
+    layout, prefix, online, backbone, unused = split_backbone(state, label, what, branch)
+    found = resnet_arch(backbone, exact=True)
+    if arch and found and found != arch:
+        raise CheckpointError(f"{label} holds a {found} backbone, not {arch}: pass --arch {found}")
+    arch = arch or found or resnet_arch(backbone)
     with torch.device("meta"):
         model = ARCHS[arch](in_chans)
     notes = ""
     if not any(k.endswith("num_batches_tracked") for k in backbone):
         # legacy files predate this counter; BatchNorm ignores it when momentum is set, as here
-        for k in model.state_dict():
-            if k.endswith("num_batches_tracked"):
-                backbone[k] = torch.zeros((), dtype=torch.long)
+        counters = [k for k in model.state_dict() if k.endswith("num_batches_tracked")]
+        backbone.update({k: torch.zeros((), dtype=torch.long) for k in counters})
         notes += "; num_batches_tracked missing, set to 0"
-    c = backbone["conv1.weight"].shape[1] if "conv1.weight" in backbone else in_chans
+    c = backbone["conv1.weight"].shape[1]
     if c != in_chans:
         backbone["conv1.weight"] = adapt_conv1(backbone["conv1.weight"], in_chans)
         rule = "summed" if in_chans == 1 else "repeated, rescaled"
         notes += f"; conv1 {c} -> {in_chans} channels ({rule})"
-    check_state_dict(model, backbone, f"{name} as {arch}")
+    check_state_dict(model, backbone, f"{label} as {arch}")
 
     where = f"'{prefix}*' " if prefix else ""
     side = f"{branch} branch" if online is not None else "single backbone"
     print(f"loaded {arch} backbone {where}({layout}, {what}) from {name} ({side}){notes}; "
           f"unused: {summarize_unused(unused, others)}")
     return backbone
+
+
+def arch_of(source, trust=False, flag=None, name=None):
+    """-> "resnet18", "resnet34" or "resnet50": the ResNet of a file holding a backbone or a U-Net,
+    read from its tensor names (so a script can choose --arch by itself)"""
+    label = describe(source, flag, name)
+    what, state, _ = state_dict_of(read_checkpoint(source, trust, flag, name))
+    _, prefix, _, backbone, _ = split_backbone(state, label, what)
+    if (arch := resnet_arch(backbone, exact=True)) is None:
+        raise CheckpointError(f"{label}: its ResNet ('{prefix}*') has the tensors of none of {', '.join(ARCHS)}")
+    return arch
 
 
 # -----------------------------------------------------------------------------
@@ -261,65 +326,75 @@ def unet_args(state):
             "arch": resnet_arch(encoder)}
 
 
-def load_segmentation(source, trust=False):
+def load_segmentation(source, trust=False, flag=None, name=None, in_chans=None, num_classes=None, arch=None):
     """the paper's Lightning checkpoint, a plain SMP Unet state dict, or this project's
-    checkpoint.pt / best.pt -> state dict for UNet(**unet_args(state)), checked"""
-    name = "checkpoint dict" if isinstance(source, dict) else str(source)
-    what, state, others = state_dict_of(read_checkpoint(source, trust))
-    if "encoder.model.conv1.weight" in state:
-        # SMP's timm encoder ("tu-resnet50", the paper's) holds the ResNet as .model
-        state = {"encoder." + k.removeprefix("encoder.model.") if k.startswith("encoder.model.") else k: v
-                 for k, v in state.items()}
+    checkpoint.pt / best.pt -> state dict for UNet(**unet_args(state)), checked. in_chans,
+    num_classes, arch: given, the U-Net must have them. flag, name: how messages name the file."""
+    label, name = describe(source, flag, name), describe(source, None, name)
+    what, state, others = state_dict_of(read_checkpoint(source, trust, flag, name))
+    if "segmentation_head.0.weight" not in state and find_backbone(state) is not None:
+        kind = f"a {find_backbone(state)[0]} state dict" if what == "state dict" else what
+        raise CheckpointError(f"{label} holds a backbone ({kind}), not a fine-tuned U-Net: fine-tune it first "
+                              f"with train_segment.py --weights {'FILE' if name == 'checkpoint dict' else name}")
     if "encoder.conv1.weight" not in state or "segmentation_head.0.weight" not in state:
-        raise CheckpointError(f"{name}: no U-Net found in this {what}; its keys: {few(state)}")
+        raise CheckpointError(f"{label}: no U-Net found in this {what}; its keys: {few(state)}")
 
     parts = ("encoder", "decoder", "segmentation_head")
     unet_state = {k: v for k, v in state.items() if k.split(".")[0] in parts}
     unused = [k for k in state if k not in unet_state]
     args = unet_args(unet_state)
+    if in_chans not in (None, args["in_chans"]):  # what the caller needs, checked before any shape
+        raise CheckpointError(f"{label} holds a U-Net with {args['in_chans']} input channels; this project "
+                              f"segments {in_chans}-channel MRI")
+    if num_classes not in (None, args["num_classes"]):
+        needs = "ACDC has 4: background, RV, MYO, LV" if num_classes == 4 else f"the model has {num_classes}"
+        raise CheckpointError(f"{label} holds a U-Net with {args['num_classes']} classes, {needs}")
+    if arch not in (None, args["arch"]):
+        raise CheckpointError(f"{label} holds a {args['arch']} U-Net, not {arch}: pass --arch {args['arch']}")
     with torch.device("meta"):  # a skeleton only, to check names and shapes against
         skeleton = UNet(**args)
-    check_state_dict(skeleton, unet_state, name)
+    check_state_dict(skeleton, unet_state, label)
     print(f"loaded U-Net ({args['arch']}, {args['in_chans']} input channels, {args['num_classes']} classes; "
           f"{what}) from {name}; unused: {summarize_unused(unused, others)}")
     return unet_state
 
 
-def load_weights(model, source, trust=False):
+def load_weights(model, source, trust=False, flag=None, name=None):
     """--weights of fine-tuning: a segmentation checkpoint (one with a segmentation head) continues
     the whole U-Net `model`; any other initialises its encoder. -> what was loaded, in words"""
-    ckpt = read_checkpoint(source, trust=trust)
+    name = describe(source, None, name)
+    ckpt = read_checkpoint(source, trust, flag, name)
+    in_chans = model.encoder.conv1.in_channels
     if "segmentation_head.0.weight" in state_dict_of(ckpt)[1]:
-        model.load_state_dict(load_segmentation(ckpt))
-        return f"the whole U-Net from {source}"
-    model.encoder.load_state_dict(load_backbone(ckpt, in_chans=1, arch=model.arch))
-    return f"the encoder from {source}; decoder and head start from random weights"
+        model.load_state_dict(load_segmentation(ckpt, flag=flag, name=name, in_chans=in_chans, arch=model.arch,
+                                                num_classes=model.segmentation_head[0].out_channels))
+        return f"the whole U-Net from {name}"
+    model.encoder.load_state_dict(load_backbone(ckpt, in_chans, arch=model.arch, flag=flag, name=name))
+    return f"the encoder from {name}; decoder and head start from random weights"
 
 
 def normalisation_of(ckpt):
     """-> (mean, std, where they come from, in words): the input normalisation the checkpoint's model
     was trained with. This project stores it. The paper's code normalised with albumentations'
     Normalize, whose max_pixel_value (default 255) multiplies mean and std: its fine-tuned models
-    saw (x - 255 * MEAN) / (255 * STD), and their BatchNorm statistics expect that input."""
+    saw (x - 255 * MEAN) / (255 * STD), and their BatchNorm statistics expect that input, unless a
+    Lightning file's config (OmegaConf, which read_checkpoint reads as a plain dict) says otherwise."""
     if ckpt.get("kind") == "segmentation":
         return ckpt.get("mean", acdc.MEAN), ckpt.get("std", acdc.STD), "stored in the checkpoint"
-    hyper = ckpt.get("hyper_parameters") or {}
-    config = hyper.get("config", {}) if isinstance(hyper, dict) else {}
-    if isinstance(config, dict) and "norm_max_pixel_value" in config:
-        scale = config["norm_max_pixel_value"]
+    hyper = ckpt.get("hyper_parameters")
+    config = hyper.get("config") if isinstance(hyper, Mapping) else None
+    scale = config.get("norm_max_pixel_value") if isinstance(config, Mapping) else None
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0:
         return acdc.MEAN * scale, acdc.STD * scale, f"ACDC's statistics x {scale:g}, the checkpoint's config"
     return acdc.MEAN * 255, acdc.STD * 255, "ACDC's statistics x 255, as the paper's code applied them"
 
 
-def load_unet(source, trust=False, num_classes=4):
+def load_unet(source, trust=False, num_classes=4, flag=None, name=None):
     """a segmentation checkpoint -> (UNet with its weights, on the CPU, (mean, std, where they come
     from) of its input normalisation); its encoder, input channels and classes are read from the weights"""
-    ckpt = read_checkpoint(source, trust=trust)
-    state = load_segmentation(ckpt)
-    config = unet_args(state)
-    if config["num_classes"] != num_classes:
-        raise CheckpointError(f"{source}: a U-Net with {config['num_classes']} classes; "
-                              f"ACDC's are 4 (BG, RV, MYO, LV)")
-    model = UNet(**config)
+    name = describe(source, None, name)
+    ckpt = read_checkpoint(source, trust, flag, name)
+    state = load_segmentation(ckpt, flag=flag, name=name, in_chans=1, num_classes=num_classes)
+    model = UNet(**unet_args(state))
     model.load_state_dict(state)
     return model, normalisation_of(ckpt)

@@ -142,7 +142,8 @@ def main(args):
         if unlabelled:
             raise acdc.DatasetError(f"{unlabelled[0]}: no _gt label files for ED and ES ({len(unlabelled)} such "
                                     f"patients); ACDC's testing set came without labels before its 2020 re-release")
-        model, (*norm, norm_source) = load_model(args.checkpoint, device, trust=args.trust_checkpoint)
+        model, (*norm, norm_source) = load_model(args.checkpoint, device, trust=args.trust_checkpoint,
+                                                 flag="--checkpoint")
     except (acdc.DatasetError, CheckpointError) as e:
         sys.exit(str(e))
     loader = torch.utils.data.DataLoader(CaseVolumes(cases), batch_size=None, collate_fn=as_is,

@@ -33,10 +33,10 @@ def crop_to(logits, hw):
     return logits[..., :h, :w]
 
 
-def load_model(source, device, trust=False):
+def load_model(source, device, trust=False, flag=None):
     """a segmentation checkpoint -> (UNet in eval mode on `device`, channels_last, (mean, std, where
-    they come from) of its input normalisation)"""
-    model, norm = checkpoints.load_unet(source, trust=trust)
+    they come from) of its input normalisation); flag: how messages name the file ('--checkpoint FILE')"""
+    model, norm = checkpoints.load_unet(source, trust=trust, flag=flag)
     model = model.to(device, memory_format=torch.channels_last).eval()
     return model, norm
 

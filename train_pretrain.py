@@ -151,7 +151,8 @@ def main(args):
     # -------------------------------------------------------------------- model
     backbone = ARCHS[args.arch](in_chans=1)
     if args.init != "none" and not resume:  # the resumed state replaces the initial weights
-        backbone.load_state_dict(load_backbone(args.init, in_chans=1, trust=args.trust_checkpoint, arch=args.arch))
+        backbone.load_state_dict(load_backbone(args.init, in_chans=1, trust=args.trust_checkpoint, arch=args.arch,
+                                               flag="--init"))
     # the target starts as a copy of the online network
     byol, model = training.wrap(BYOL(backbone), env, args.compile)
 

@@ -214,7 +214,7 @@ def main(args):
     if resume:  # the resumed state replaces any initial weights
         loaded = resume["config"]["weights"]
     elif args.weights != "none":
-        loaded = load_weights(net, args.weights, args.trust_checkpoint)
+        loaded = load_weights(net, args.weights, args.trust_checkpoint, flag="--weights")
     else:
         loaded = "nothing (random initialisation)"
     net, model = training.wrap(net, env, args.compile)  # net: the plain module, for checkpoints and validation

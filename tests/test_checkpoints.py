@@ -4,8 +4,12 @@ clear errors; and the safe loader, which must never run code from a file unless 
 Run: python -m pytest tests/test_checkpoints.py"""
 import json
 import os
+import random
 import sys
 import types
+import typing
+import zipfile
+from collections import defaultdict
 
 import pytest
 import torch
@@ -14,8 +18,9 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import resnet  # noqa: E402
+import acdc  # noqa: E402
 from checkpoints import CheckpointError, adapt_conv1, load_backbone, load_segmentation, read_checkpoint  # noqa: E402
-from checkpoints import unet_args  # noqa: E402
+from checkpoints import arch_of, load_unet, load_weights, normalisation_of, unet_args  # noqa: E402
 from unet import UNet  # noqa: E402
 
 # the reference key list (names and shapes of the published files), as the original code wrote them
@@ -154,8 +159,9 @@ def test_conv1_to_two_channels(capsys):
 def test_bad_branch_and_wrong_arch():
     with pytest.raises(ValueError, match="branch"):
         load_backbone(resnet18_state(0, 1), branch="momentum")
-    with pytest.raises(CheckpointError, match="as resnet50: does not fit the model: missing"):
-        load_backbone(resnet18_state(0, 1), arch="resnet50")
+    with pytest.raises(CheckpointError) as err:
+        load_backbone(resnet18_state(0, 1), arch="resnet50", flag="--init", name="r18.pth")
+    assert str(err.value) == "--init r18.pth holds a resnet18 backbone, not resnet50: pass --arch resnet18"
 
 
 def test_unknown_format_lists_keys():
@@ -180,7 +186,7 @@ def test_missing_key_is_listed():
 
 
 def test_unreadable_files(tmp_path):
-    with pytest.raises(CheckpointError, match="not found"):
+    with pytest.raises(CheckpointError, match="no such file, and not a known name"):
         read_checkpoint(tmp_path / "nothing.pth")
     good = tmp_path / "good.pth"
     torch.save(resnet18_state(0, 1), good)
@@ -232,20 +238,26 @@ class Hyper:
         self.lr = lr
 
 
-def save_as(ckpt, cls, module, name, path):
-    """torch.save with cls pretending to live in `module` (a library not installed here)"""
-    old = cls.__module__, cls.__qualname__
-    parts = module.split(".")
-    packages = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-    fake = types.ModuleType(module)
-    setattr(fake, name, cls)
-    sys.modules.update({p: fake for p in packages})
-    cls.__module__, cls.__qualname__ = module, name
+def save_as(ckpt, path, *fakes):
+    """torch.save with each class of `fakes`, (cls, "module.Name"), pretending to live in a library that is
+    not installed here"""
+    old = {cls: (cls.__module__, cls.__qualname__) for cls, _ in fakes}
+    added = []
+    for cls, where in fakes:
+        module, name = where.rsplit(".", 1)
+        parts = module.split(".")
+        for p in (".".join(parts[:i]) for i in range(1, len(parts) + 1)):
+            if p not in sys.modules:
+                sys.modules[p] = types.ModuleType(p)
+                added.append(p)
+        setattr(sys.modules[module], name, cls)
+        cls.__module__, cls.__qualname__ = module, name
     try:
         torch.save(ckpt, path)
     finally:
-        cls.__module__, cls.__qualname__ = old
-        for p in packages:
+        for cls, (module, name) in old.items():
+            cls.__module__, cls.__qualname__ = module, name
+        for p in added:
             del sys.modules[p]
 
 
@@ -258,7 +270,7 @@ def test_lightning_hyper_parameters_load_safely_without_lightning(tmp_path):
     path = tmp_path / "byol.ckpt"
     ckpt = build("solo_ckpt", target, online)
     ckpt["hyper_parameters"] = AttributeDict(lr=1.0, method="byol")
-    save_as(ckpt, AttributeDict, "pytorch_lightning.utilities.parsing", "AttributeDict", path)
+    save_as(ckpt, path, (AttributeDict, "pytorch_lightning.utilities.parsing.AttributeDict"))
     state = load_backbone(path)
     assert torch.equal(state["layer1.0.conv1.weight"], target["layer1.0.conv1.weight"])
     assert read_checkpoint(path)["hyper_parameters"]["lr"] == 1.0
@@ -266,7 +278,7 @@ def test_lightning_hyper_parameters_load_safely_without_lightning(tmp_path):
 
 def test_objects_of_other_modules_still_need_trust(tmp_path):
     path = tmp_path / "other.ckpt"
-    save_as({"state_dict": {}, "hyper_parameters": Hyper(0.5)}, Hyper, "some_library.config", "Hyper", path)
+    save_as({"state_dict": {}, "hyper_parameters": Hyper(0.5)}, path, (Hyper, "some_library.config.Hyper"))
     with pytest.raises(CheckpointError, match=f"{path}.*--trust-checkpoint"):
         read_checkpoint(path)
 
@@ -315,5 +327,143 @@ def test_own_checkpoint_and_errors(tmp_path):
     ckpt["model"]["decoder.blocks.1.conv1.0.weight"] = torch.zeros(128, 7, 3, 3)
     with pytest.raises(CheckpointError, match=r"decoder.blocks.1.conv1.0.weight has shape \[128, 7, 3, 3\]"):
         load_segmentation(ckpt)
-    with pytest.raises(CheckpointError, match="no U-Net found"):
-        load_segmentation({"conv1.weight": torch.zeros(64, 1, 7, 7)})
+    with pytest.raises(CheckpointError, match="no U-Net found in this state dict; its keys: weird"):
+        load_segmentation({"weird": torch.zeros(1)})
+
+
+# -----------------------------------------------------------------------------
+# messages name the file and the flag it came from, and say what to do
+
+def test_another_arch_says_which_to_pass(tmp_path):
+    backbone, unet = tmp_path / "r18.pth", tmp_path / "unet18.pth"
+    torch.save(resnet18_state(0, 1), backbone)
+    torch.save(UNet(arch="resnet18").state_dict(), unet)
+    net = UNet(arch="resnet34")
+    with pytest.raises(CheckpointError) as err:
+        load_weights(net, backbone, flag="--weights")
+    assert str(err.value) == f"--weights {backbone} holds a resnet18 backbone, not resnet34: pass --arch resnet18"
+    with pytest.raises(CheckpointError) as err:
+        load_weights(net, unet, flag="--weights")
+    assert str(err.value) == f"--weights {unet} holds a resnet18 U-Net, not resnet34: pass --arch resnet18"
+
+
+def test_arch_of_reads_the_resnet_from_the_tensor_names(tmp_path):
+    for arch, make in resnet.ARCHS.items():
+        with torch.device("meta"):  # names and shapes only
+            backbone, unet = make(1).state_dict(), UNet(arch=arch).state_dict()
+        assert arch_of(backbone) == arch
+        assert arch_of({"kind": "segmentation", "model": unet}) == arch
+        assert arch_of({**prefixed("backbone.", backbone), **prefixed("momentum_backbone.", backbone)}) == arch
+    paper = {"model.encoder.model." + k: torch.empty(s, device="meta")  # the paper's U-Net, timm's encoder
+             for k, s in KEYS["resnet50_imagenet_3ch_with_fc"].items() if not k.startswith("fc.")}
+    assert arch_of({"state_dict": paper, "epoch": 3}) == "resnet50"
+    path = tmp_path / "r18.pth"
+    torch.save(resnet18_state(0, 3, fc=True), path)
+    assert arch_of(path) == "resnet18"
+    with pytest.raises(CheckpointError, match="--init x.pth: no ResNet found"):
+        arch_of({"weird": torch.zeros(1)}, flag="--init", name="x.pth")
+    cut = {k: v for k, v in resnet18_state(0, 1).items() if not k.startswith("layer4.")}
+    with pytest.raises(CheckpointError, match="has the tensors of none of resnet18, resnet34, resnet50"):
+        arch_of(cut)
+
+
+def test_unet_of_other_channels_or_classes_is_told_in_words(tmp_path):
+    rgb, binary = tmp_path / "rgb.pth", tmp_path / "binary.pth"
+    torch.save(UNet(in_chans=3, arch="resnet18").state_dict(), rgb)  # a plain SMP-style state dict
+    torch.save(UNet(num_classes=2, arch="resnet18").state_dict(), binary)
+    net = UNet(arch="resnet18")
+    for flag, load in (("--weights", lambda p: load_weights(net, p, flag="--weights")),
+                       ("--checkpoint", lambda p: load_unet(p, flag="--checkpoint"))):
+        with pytest.raises(CheckpointError) as err:
+            load(rgb)
+        assert str(err.value) == f"{flag} {rgb} holds a U-Net with 3 input channels; this project segments 1-channel MRI"
+        with pytest.raises(CheckpointError) as err:
+            load(binary)
+        assert str(err.value) == f"{flag} {binary} holds a U-Net with 2 classes, ACDC has 4: background, RV, MYO, LV"
+
+
+def test_backbone_where_a_unet_is_needed(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    torch.save(build("project_byol", resnet18_state(1, 1), resnet18_state(2, 1)), path)
+    with pytest.raises(CheckpointError) as err:
+        load_unet(path, flag="--checkpoint")
+    assert str(err.value) == (f"--checkpoint {path} holds a backbone (this project's byol checkpoint), not a fine-tuned "
+                              f"U-Net: fine-tune it first with train_segment.py --weights {path}")
+    with pytest.raises(CheckpointError, match=r"^b.pth holds a backbone \(a ResNet state dict\), not a fine-tuned U-Net"):
+        load_segmentation(resnet18_state(0, 1), name="b.pth")
+
+
+def test_files_that_are_not_checkpoints_are_told_so(tmp_path):
+    archive = tmp_path / "models.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("models/a.pth", "not this")
+    files = {"notes.pth": b"these are not weights\n", "picture.pth": b"\x89PNG\r\n\x1a\n" + bytes(100),
+             "noise.pth": b"\x00" + random.Random(0).randbytes(1000), "pickle.pth": b"\x80\x02" + bytes(range(7, 99))}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    for name, says in (("notes.pth", "(it starts with b'these are not we', not a zip archive)"), ("picture.pth", "b'\\x89PNG"),
+                       ("noise.pth", "not a zip archive"), ("pickle.pth", "a damaged one (Unsupported operand 7)"),
+                       ("models.zip", "(a zip archive of models/a.pth)")):
+        with pytest.raises(CheckpointError) as err:
+            read_checkpoint(tmp_path / name, flag="--weights")
+        message = str(err.value)
+        assert message.startswith(f"--weights {tmp_path / name}: not a PyTorch checkpoint") and says in message
+        assert "--trust-checkpoint" not in message and "\n" not in message
+
+
+# OmegaConf's classes as they pickle (omegaconf 2.x): a DictConfig's state holds {key: node} under _content,
+# a ListConfig's [node, ...]; a value node's state holds the value under _val; every node links its parent
+# and its metadata (a dataclass naming types: typing.Any, dict; a defaultdict as resolver cache)
+class ContainerMetadata:
+    def __init__(self, key):
+        self.ref_type, self.object_type, self.optional, self.key = typing.Any, dict, True, key
+        self.flags, self.flags_root, self.resolver_cache = {}, False, defaultdict(dict, {"now": {}})
+        self.key_type, self.element_type = typing.Any, typing.Any
+
+
+class AnyNode:
+    def __init__(self, value, parent, key):
+        self._metadata, self._parent, self._val = ContainerMetadata(key), parent, value
+
+
+class DictConfig:
+    def __init__(self, content, parent=None, key=None):
+        self._metadata, self._parent = ContainerMetadata(key), parent
+        self._content = {k: node(v, self, k) for k, v in content.items()}
+
+
+class ListConfig:
+    def __init__(self, content, parent, key):
+        self._metadata, self._parent = ContainerMetadata(key), parent
+        self._content = [node(v, self, i) for i, v in enumerate(content)]
+
+
+def node(value, parent, key):
+    kind = DictConfig if isinstance(value, dict) else ListConfig if isinstance(value, list) else AnyNode
+    return kind(value, parent, key)
+
+
+def test_omegaconf_config_reads_as_plain_values_without_omegaconf(tmp_path):
+    class AttributeDict(dict):
+        pass
+    config = {"norm_max_pixel_value": 1, "lr": 1e-4, "augment": {"crop": 224, "flip": True, "name": None},
+              "classes": ["RV", "MYO", {"LV": 3}]}
+    target = resnet18_state(1, 1)
+    ckpt = build("solo_ckpt", target, resnet18_state(2, 1))
+    ckpt["hyper_parameters"] = AttributeDict(config=DictConfig(config), lr=1e-4)
+    path = tmp_path / "byol-imagenet-acdc-ep=34.ckpt"
+    omegaconf = ((DictConfig, "omegaconf.dictconfig.DictConfig"), (ListConfig, "omegaconf.listconfig.ListConfig"),
+                 (AnyNode, "omegaconf.nodes.AnyNode"), (ContainerMetadata, "omegaconf.base.ContainerMetadata"))
+    save_as(ckpt, path, (AttributeDict, "pytorch_lightning.utilities.parsing.AttributeDict"), *omegaconf)
+    assert "omegaconf.dictconfig.DictConfig" in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+
+    loaded = read_checkpoint(path)  # no omegaconf installed, nothing trusted
+    assert loaded["hyper_parameters"] == {"config": config, "lr": 1e-4}
+    assert normalisation_of(loaded) == (acdc.MEAN, acdc.STD, "ACDC's statistics x 1, the checkpoint's config")
+    assert torch.equal(load_backbone(path)["layer1.0.conv1.weight"], target["layer1.0.conv1.weight"])
+    # the stand-ins never let code through: a payload beside the config is still refused
+    ckpt["payload"] = Payload(tmp_path / "code_ran")
+    save_as(ckpt, path, (AttributeDict, "pytorch_lightning.utilities.parsing.AttributeDict"), *omegaconf)
+    with pytest.raises(CheckpointError, match="--trust-checkpoint"):
+        read_checkpoint(path)
+    assert not (tmp_path / "code_ran").exists()
