@@ -14,9 +14,11 @@ phantom.py writes a synthetic dataset in this layout.
 import argparse
 import glob
 import hashlib
+import math
 import os
 import sys
 import tempfile
+import warnings
 from collections import Counter, namedtuple
 from contextlib import suppress
 
@@ -251,11 +253,15 @@ class LabelledSlices(_Slices):
 
 class UnlabelledSlices(_Slices):
     """every slice of every cine frame of the split's patients (the paper pretrained on the train
-    patients' cine). Item: {"image": (H, W) float32 raw intensities, "patient", "frame", "slice"}"""
+    patients' cine). Item: {"image": (H, W) float32 raw intensities, "patient", "frame", "slice"}.
+    paper_inputs=True reads what the paper's pretraining read: every image file, the ED and ES frame
+    files too (their slices then appear twice), and each intensity as its astype(np.uint16).astype(np.uint8)
+    left it: the integer part modulo 256 (256 -> 0, 300 -> 44; -1 -> 255 as an integer, none in ACDC)."""
 
-    def __init__(self, root, split="train", cache_dir=None):
+    def __init__(self, root, split="train", cache_dir=None, paper_inputs=False):
         cases = find_cases(root, split=split)
         cache_dir, self._maps, self.volumes, index = cache_dir or default_cache_dir(root), {}, [], []
+        self.paper_inputs = paper_inputs
         for case in tqdm(cases, desc=f"cine ({split})", disable=None, leave=False):
             if case.cine is None:
                 raise DatasetError(f"{case.path}: no cine file {os.path.basename(case.path)}_4d.nii.gz")
@@ -263,24 +269,47 @@ class UnlabelledSlices(_Slices):
             frames, slices = np.load(path, mmap_mode="r").shape[:2]
             index += [(len(self.volumes), t, z) for t in range(frames) for z in range(slices)]
             self.volumes.append(dict(patient=case.patient, cine=case.cine, cache=path))
+            for f in case.frames if paper_inputs else []:  # the ED and ES frame files: (Z, X, Y)
+                path = cached(f.image, "image", cache_dir)
+                slices = np.load(path, mmap_mode="r").shape[0]
+                index += [(len(self.volumes), f.frame - 1, z) for z in range(slices)]
+                self.volumes.append(dict(patient=case.patient, image=f.image, cache=path))
         self.index = np.array(index, dtype=np.int64).reshape(-1, 3)  # (slices, [volume, t, z])
 
     def __getitem__(self, i):
         v, t, z = self.index[i]
         vol = self.volumes[v]
-        return {"image": torch.from_numpy(self._map(vol["cache"])[t, z].astype(np.float32)),
-                "patient": vol["patient"], "frame": int(t) + 1, "slice": int(z)}
+        data = self._map(vol["cache"])  # (T, Z, X, Y) a cine, (Z, X, Y) a frame file
+        image = (data[t, z] if data.ndim == 4 else data[z]).astype(np.float32)
+        image = np.mod(np.trunc(image), 256) if self.paper_inputs else image  # float32 0..255: uint8 values
+        return {"image": torch.from_numpy(image), "patient": vol["patient"], "frame": int(t) + 1,
+                "slice": int(z)}
+
+
+def label_fraction_plan(n, fraction):
+    """-> (k, repeats), the paper's rule: k = round(n * fraction) slices (np.around, half to even)
+    listed int(1 / fraction) times an epoch (0.001 of 1,498: 1 x 1,000 items; 0.005: 7 x 200). Bounded
+    where the paper never went, at least 1 slice and at most ceil(n / k) repeats: same for its ten."""
+    k = int(np.around(n * fraction))
+    if k == 0:
+        warnings.warn(f"label fraction {fraction:g} of {n} slices rounds to none: training on 1 slice "
+                      f"(the smallest fraction that gives one is just above 0.5 / {n} = {0.5 / n:.3g})",
+                      stacklevel=2)
+    return max(1, k), min(int(1 / fraction), math.ceil(n / max(1, k)))
 
 
 class LabelFraction(torch.utils.data.Subset):
-    """a seeded random fraction of a dataset's slices, repeated back to the full length as the paper
-    did, so that an epoch is the same number of steps whatever the fraction"""
+    """the paper's label fraction: k slices drawn with the seed, repeated (label_fraction_plan).
+    .chosen: the k distinct indices, sorted; .repeats: how often each appears in an epoch"""
 
     def __init__(self, dataset, fraction, seed=0):
         n = len(dataset)
-        self.chosen = np.sort(np.random.default_rng(seed).permutation(n)[:max(1, round(fraction * n))])
-        # item i: chosen[i % k]
-        super().__init__(dataset, self.chosen[np.arange(n) % len(self.chosen)].tolist())
+        k, self.repeats = label_fraction_plan(n, fraction)
+        # the paper's np.random.choice(n, k, replace=False) right after pl.seed_everything(seed). It listed
+        # slices by patient, frame file name and slice, as we do where ED has the lower frame number: a
+        # seed should pick the slices it picked for that seed
+        self.chosen = np.sort(np.random.RandomState(seed).choice(n, k, replace=False))
+        super().__init__(dataset, np.tile(self.chosen, self.repeats).tolist())
 
 
 def collate_slices(items):

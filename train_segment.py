@@ -40,7 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--weights", default="none",
                    help="'none', a backbone checkpoint or a segmentation checkpoint")
     p.add_argument("--label-fraction", type=number(float, high=1, above=0), default=1.0,
-                   help="fraction of the train slices to use, sampled with --seed, oversampled to a full epoch")
+                   help="fraction of the train slices to use, sampled with --seed; as the paper: "
+                        "round(n x F) slices, repeated int(1 / F) times an epoch (at least 1 slice, at "
+                        "most about n items)")
     p.add_argument("--loss", default="jaccard", choices=["jaccard", "dice", "ce+dice"],
                    help="the paper: multiclass soft Jaccard")
     p.add_argument("--lr", type=number(float, above=0), default=1e-4, help="Adam learning rate (paper: 1e-4)")
@@ -54,7 +56,9 @@ def parse_args(argv=None):
                         "from larger crops, which also match the whole-slice scale of validation better")
     p.add_argument("--freeze-encoder-epochs", type=number(int, 0), default=0,
                    help="keep the encoder's weights fixed (learning rate 0) for the first N epochs")
-    p.add_argument("--val-every", type=number(int, 1), default=1, help="validate every N epochs (and at the end)")
+    p.add_argument("--val-every", type=number(int, 1), default=1,
+                   help="validate every N epochs (and at the end); 10: the paper's candidate checkpoints, "
+                        "epochs 10, 20, ..., 150")
     p.add_argument("--val-batch-size", type=number(int, 1), default=32, help="slices per validation batch")
     args = p.parse_args(argv)
     if args.crop_scale[0] > args.crop_scale[1]:
@@ -198,8 +202,7 @@ def main(args):
     with training.main_first(env):
         train_set = acdc.LabelledSlices(args.data, split="train", cache_dir=args.cache)
         val_set = acdc.LabelledSlices(args.data, split="val", cache_dir=args.cache)
-    if args.label_fraction < 1:
-        train_set = acdc.LabelFraction(train_set, args.label_fraction, args.seed)
+    train_set = acdc.LabelFraction(train_set, args.label_fraction, args.seed)  # 1.0: every slice, once
     steps_per_epoch = training.steps_per_epoch(train_set, args.batch_size, env.world_size)
 
     # -------------------------------------------------------------------- model
@@ -217,7 +220,8 @@ def main(args):
                        loss_fn=LOSSES[args.loss], autocast=autocast, best=-1.0, best_epoch=-1,
                        log=os.path.join(args.out, "log.jsonl"), stop=training.StopSignal(), stopped=False)
     run.config = training.run_config(args, env, amp=amp, global_batch=args.batch_size * env.world_size,
-                                     train_slices=len(train_set), val_slices=len(val_set),
+                                     train_slices=len(train_set), distinct_train_slices=len(train_set.chosen),
+                                     val_slices=len(val_set),
                                      steps_per_epoch=steps_per_epoch, total_steps=run.total_steps,
                                      weights=loaded, mean=run.mean, std=run.std)
     generator = torch.Generator(device=env.device).manual_seed(args.seed * 65536 + env.rank)
@@ -236,8 +240,9 @@ def main(args):
             print(f"resumed from {resume}: epoch {start_epoch}, step {run.step}")
     run.start_step = run.step
     if env.main:
-        print(f"fine-tuning: U-Net {args.arch}, weights: {loaded}; {len(train_set)} train slices "
-              f"(label fraction {args.label_fraction}), {len(val_set)} validation slices, global batch "
+        print(f"fine-tuning: U-Net {args.arch}, weights: {loaded}; {len(train_set.chosen)} distinct train "
+              f"slices x {train_set.repeats} = {len(train_set)} per epoch (label fraction "
+              f"{args.label_fraction}), {len(val_set)} validation slices, global batch "
               f"{args.batch_size * env.world_size}, {run.total_steps} steps, amp {amp}, device {env.device}")
         training.print_config(run.config)
         files.write_json(os.path.join(args.out, "config.json"), run.config)

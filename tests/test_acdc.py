@@ -117,15 +117,57 @@ def test_unlabelled_slices(phantom):
     assert np.array_equal(item["image"].numpy(), cine[:, :, -1, -1])
 
 
+def test_unlabelled_slices_as_the_papers_pretraining_read_them(phantom, tmp_path):
+    root, _ = one_patient(phantom, tmp_path)
+    case = acdc.find_cases(root)[0]
+    cine = acdc.read_volume(case.cine, dtype=None, ndim=4)
+    data = np.zeros(cine.data.shape, np.int16)
+    data[0, :6, 0, 0] = [0, 255, 256, 300, 1000, -1]                   # slice z 0 of frame 1, its first row
+    nib.save(nib.Nifti1Image(data, cine.affine), case.cine)
+    plain, paper = (acdc.UnlabelledSlices(root, "train", paper_inputs=p) for p in (False, True))
+    assert plain[0]["image"][0, :6].tolist() == [0, 255, 256, 300, 1000, -1]
+    # astype(np.uint16).astype(np.uint8): modulo 256, and -1 as the integer 65535
+    assert paper[0]["image"][0, :6].tolist() == [0, 255, 0, 44, 232, 255]
+    # the ED and ES frame files are read too: their slices appear twice
+    assert len(paper) == len(plain) + sum(nib.load(f.image).shape[2] for f in case.frames)
+    ed = paper[len(plain)]
+    assert (ed["frame"], ed["slice"]) == (case.ed, 0)
+    assert np.array_equal(ed["image"].numpy(), acdc.read_volume(case.frames[0].image).data[:, :, 0] % 256)
+
+
 def test_label_fraction(phantom):
     dataset = acdc.LabelledSlices(phantom, "train")
     a, b, c = (acdc.LabelFraction(dataset, 0.25, seed) for seed in (0, 0, 1))
-    assert len(a) == len(dataset)  # oversampled back to the full length
-    assert len(a.chosen) == round(0.25 * len(dataset)) and np.array_equal(a.chosen, b.chosen)
-    assert not np.array_equal(a.chosen, c.chosen)
+    k, repeats = acdc.label_fraction_plan(len(dataset), 0.25)
+    assert len(a.chosen) == k == round(0.25 * len(dataset)) and len(a) == k * repeats == k * a.repeats
+    assert np.array_equal(a.chosen, b.chosen) and not np.array_equal(a.chosen, c.chosen)
     seen = {(a[i]["patient"], a[i]["frame"], a[i]["slice"]) for i in range(len(a))}
     assert len(seen) == len(a.chosen)
-    assert len(acdc.LabelFraction(dataset, 1e-6, 0).chosen) == 1
+
+
+def test_label_fraction_draws_as_the_paper():
+    # the paper: pl.seed_everything(seed) (numpy's global seed), then np.random.choice(n, k, replace=False)
+    for seed in (0, 13, 42):
+        np.random.seed(seed)
+        expected = np.random.choice(1498, 15, replace=False)
+        assert np.array_equal(acdc.LabelFraction(range(1498), 0.01, seed).chosen, np.sort(expected))
+
+
+def test_label_fraction_plan_is_the_papers_on_acdc():
+    # the paper's ten fractions of ACDC's 1,498 train slices: round(n r) slices, repeated int(1 / r) times
+    fractions = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
+    slices = [1, 3, 7, 15, 30, 75, 150, 300, 749, 1498]
+    repeats = [1000, 500, 200, 100, 50, 20, 10, 5, 2, 1]
+    assert [acdc.label_fraction_plan(1498, r) for r in fractions] == list(zip(slices, repeats))
+    assert [k * n for k, n in map(acdc.label_fraction_plan, [1498] * 2, [0.001, 0.005])] == [1000, 1400]  # items
+
+
+def test_label_fraction_plan_bounds_fractions_the_paper_never_used():
+    with pytest.warns(UserWarning, match=r"just above 0.5 / 1498 = 0.000334"):
+        assert acdc.label_fraction_plan(1498, 1e-9) == (1, 1498)        # one slice, an epoch of about n
+    assert acdc.label_fraction_plan(1498, 0.0004) == (1, 1498)          # round(0.6) = 1; 2,500 repeats cut
+    assert acdc.label_fraction_plan(10, 0.15) == (2, 5)                 # round(1.5) = 2 (to even); 6 cut to 5
+    assert acdc.label_fraction_plan(10, 0.25) == (2, 4)                 # round(2.5) = 2, as np.around
 
 
 def test_collate_pads_and_keeps_sizes():
