@@ -256,7 +256,7 @@ class UnlabelledSlices(_Slices):
     patients' cine). Item: {"image": (H, W) float32 raw intensities, "patient", "frame", "slice"}.
     paper_inputs=True reads what the paper's pretraining read: every image file, the ED and ES frame
     files too (their slices then appear twice), and each intensity as its astype(np.uint16).astype(np.uint8)
-    left it: the integer part modulo 256 (256 -> 0, 300 -> 44; -1 -> 255 as an integer, none in ACDC)."""
+    left it: the integer part modulo 256 (256 -> 0, 300 -> 44; a negative value as an integer: -1 -> 255)."""
 
     def __init__(self, root, split="train", cache_dir=None, paper_inputs=False):
         cases = find_cases(root, split=split)
