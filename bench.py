@@ -103,8 +103,8 @@ def build(args, env, dataset_kind):
     """-> (inputs(batch on device, generator): the script's augmentation,
            step(inputs): its training step, amp)"""
     autocast, scaler, amp = training.autocast(env.device, args.amp)
-    run = training.Run(args=SimpleNamespace(size=args.size, crop_scale=(0.08, 1.0)), env=env, mean=acdc.MEAN,
-                       std=acdc.STD)
+    run = training.Run(args=SimpleNamespace(size=args.size, crop_scale=(0.08, 1.0), paper_inputs=False), env=env,
+                       mean=acdc.MEAN, std=acdc.STD)
     # the scripts' models and optimizers, wrapped as they wrap them
     if dataset_kind == "pretrain":
         net, model = training.wrap(BYOL(ARCHS[args.arch](in_chans=1)), env, args.compile)
