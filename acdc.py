@@ -25,8 +25,6 @@ from contextlib import suppress
 
 import nibabel as nib
 import numpy as np
-import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import files
@@ -274,115 +272,6 @@ def cached(path, kind, cache_dir):
     files.write_atomic(out, lambda tmp: np.save(tmp, data))
     files.write_json(out[:-4] + ".json", {"source": path, "bytes": os.path.getsize(out), "crc32": crc32_of(out)})
     return out
-
-
-class _Slices(torch.utils.data.Dataset):
-    """slices of cached volumes. Each worker opens its own memory maps on first use: nothing is
-    decoded in __getitem__, and pickling a dataset to a worker sends paths, not arrays."""
-
-    def __getstate__(self):
-        return {**self.__dict__, "_maps": {}}
-
-    def _map(self, path):
-        if path not in self._maps:
-            self._maps[path] = np.load(path, mmap_mode="r")
-        return self._maps[path]
-
-    def __len__(self):
-        return len(self.index)
-
-
-class LabelledSlices(_Slices):
-    """every slice of every ED and ES frame of the split's patients. Item: {"image": (H, W) float32
-    raw intensities, "label": (H, W) int64, "patient", "frame", "phase", "slice"};
-    .volumes: each frame, its cache files"""
-
-    def __init__(self, root, split="train", cache_dir=None):
-        frames = [f for case in find_cases(root, split=split) for f in case.frames]
-        cache_dir, self._maps, self.volumes, index = cache_dir or default_cache_dir(root), {}, [], []
-        for f in tqdm(frames, desc=f"labelled frames ({split})", disable=None, leave=False):
-            image, label = cached(f.image, "image", cache_dir), cached(f.label, "label", cache_dir)
-            shape, label_shape = np.load(image, mmap_mode="r").shape, np.load(label, mmap_mode="r").shape
-            if shape != label_shape:  # (Z, X, Y) here
-                raise DatasetError(f"{f.label}: labels of shape (Z, X, Y) {label_shape} "
-                                   f"but the image {f.image} is {shape}")
-            index += [(len(self.volumes), z) for z in range(shape[0])]
-            spacing = tuple(float(s) for s in nib.load(f.image).header.get_zooms()[:3])  # the header only
-            self.volumes.append(dict(f._asdict(), cache=(image, label), spacing=spacing))
-        self.index = np.array(index, dtype=np.int64).reshape(-1, 2)  # (slices, [volume, z])
-
-    def __getitem__(self, i):
-        v, z = self.index[i]
-        vol = self.volumes[v]
-        image, label = (self._map(path)[z] for path in vol["cache"])
-        return {"image": torch.from_numpy(image.astype(np.float32)),
-                "label": torch.from_numpy(label.astype(np.int64)),
-                "patient": vol["patient"], "frame": vol["frame"], "phase": vol["phase"], "slice": int(z)}
-
-
-class UnlabelledSlices(_Slices):
-    """every slice of every cine frame of the split's patients (the paper pretrained on the train
-    patients' cine). Item: {"image": (H, W) float32 raw intensities, "patient", "frame", "slice"}"""
-
-    def __init__(self, root, split="train", cache_dir=None):
-        cases = find_cases(root, split=split)
-        cache_dir, self._maps, self.volumes, index = cache_dir or default_cache_dir(root), {}, [], []
-        for case in tqdm(cases, desc=f"cine ({split})", disable=None, leave=False):
-            if case.cine is None:
-                raise DatasetError(f"{case.path}: no cine file {os.path.basename(case.path)}_4d.nii.gz")
-            path = cached(case.cine, "cine", cache_dir)
-            frames, slices = np.load(path, mmap_mode="r").shape[:2]
-            index += [(len(self.volumes), t, z) for t in range(frames) for z in range(slices)]
-            self.volumes.append(dict(patient=case.patient, cine=case.cine, cache=path))
-        self.index = np.array(index, dtype=np.int64).reshape(-1, 3)  # (slices, [volume, t, z])
-
-    def __getitem__(self, i):
-        v, t, z = self.index[i]
-        vol = self.volumes[v]
-        return {"image": torch.from_numpy(self._map(vol["cache"])[t, z].astype(np.float32)),
-                "patient": vol["patient"], "frame": int(t) + 1, "slice": int(z)}
-
-
-class LabelFraction(torch.utils.data.Subset):
-    """a seeded random fraction of a dataset's slices, repeated back to the full length as the paper
-    did, so that an epoch is the same number of steps whatever the fraction"""
-
-    def __init__(self, dataset, fraction, seed=0):
-        n = len(dataset)
-        self.chosen = np.sort(np.random.default_rng(seed).permutation(n)[:max(1, round(fraction * n))])
-        # item i: chosen[i % k]
-        super().__init__(dataset, self.chosen[np.arange(n) % len(self.chosen)].tolist())
-
-
-def collate_slices(items):
-    """slices of different sizes -> one batch, zero-padded at the bottom and right to the largest;
-    "size" (B, 2) keeps each true (h, w) so the augmentation can crop inside the real image"""
-    sizes = torch.tensor([item["image"].shape for item in items], dtype=torch.int64)
-    h, w = sizes.max(0).values.tolist()
-    def stack(key, dtype):  # the padding is background
-        return torch.stack([F.pad(item[key].to(dtype), (0, w - iw, 0, h - ih))
-                            for item, (ih, iw) in zip(items, sizes.tolist())])
-    batch = {"image": stack("image", torch.float32)[:, None], "size": sizes}  # (B, 1, h, w)
-    if "label" in items[0]:
-        # (B, h, w); 1 byte, not 8, through pinned memory and the copy
-        batch["label"] = stack("label", torch.uint8)
-    return {**batch, **{key: [item[key] for item in items] for key in items[0] if key not in batch}}
-
-
-def intensity_stats(root, cache_dir=None):
-    """(mean, std) of the raw intensities of the labelled train slices, for data unlike ACDC"""
-    dataset = LabelledSlices(root, "train", cache_dir)
-    n, total, total_sq = np.sum([(x.size, x.sum(dtype=np.float64), np.square(x, dtype=np.float64).sum())
-                                 for x in (dataset._map(vol["cache"][0]) for vol in dataset.volumes)], 0)
-    return float(total / n), float(np.sqrt(total_sq / n - (total / n) ** 2))
-
-
-def spacing_range(volumes):
-    """{"in_plane": [lo, hi], "between_slices": [lo, hi]} in mm over LabelledSlices.volumes: the
-    geometry a model trained on them knows (predict.py warns about scans far outside it)"""
-    spacings = np.array([v["spacing"] for v in volumes])  # (volumes, 3): x, y, z
-    return {"in_plane": [float(spacings[:, :2].min()), float(spacings[:, :2].max())],
-            "between_slices": [float(spacings[:, 2].min()), float(spacings[:, 2].max())]}
 
 
 # -----------------------------------------------------------------------------

@@ -206,9 +206,47 @@ def _uniform(n, lo, hi, generator):
     return lo + (hi - lo) * torch.rand(n, generator=generator, device=generator.device)
 
 
+# the paper's pretraining views were made by torchvision on uint8 PIL images: the two functions below
+# compute what PIL computed, batched on the device
+
+def pil_bicubic_weights(start, length, in_size, out_size):
+    """PIL's resampling weights for 8-bit images, crops along one axis: (B,) crop start and length in
+    whole pixels -> (B, out_size, in_size) float64 integers, in PIL's fixed point (units of 2**-22).
+    Bicubic with a = -0.5, antialiased (a crop larger than out_size widens the kernel by the ratio), only
+    the crop's pixels, normalised per output pixel: precompute_coeffs and normalize_coeffs_8bpc of
+    PIL's resize of the cut-out crop, which torchvision's RandomResizedCrop calls. float64 holds PIL's
+    integer sums exactly, so the views equal PIL's bit for bit."""
+    start, length = start.double().view(-1, 1, 1), length.double().view(-1, 1, 1)
+    scale = length / out_size                                                          # (B, 1, 1)
+    out = torch.arange(out_size, device=start.device, dtype=torch.float64).view(1, -1, 1)
+    src = torch.arange(in_size, device=start.device, dtype=torch.float64).view(1, 1, -1) + 0.5  # centers
+    t = ((src - start - (out + 0.5) * scale) / scale.clamp(min=1)).abs()               # (B, out, in)
+    w = torch.where(t < 1, (1.5 * t - 2.5) * t * t + 1,                                # PIL's bicubic_filter
+                    torch.where(t < 2, ((2.5 - 0.5 * t) * t - 4) * t + 2, 0))
+    w = w * ((src > start) & (src < start + length))
+    w = w / w.sum(-1, keepdim=True) * 2 ** 22
+    return torch.where(w < 0, w - 0.5, w + 0.5).trunc()                                # C's (int) rounding
+
+
+def pil_jitter(x, b, c, brightness_first):
+    """torchvision's ColorJitter (brightness b, contrast c, (B,) each) on uint8 PIL images, (B, 1, S, S)
+    in 0..255: PIL's ImageEnhance blends with black (x * b) and with the image's mean grey, rounded
+    (m + c * (x - m)); each result is truncated to an integer and clipped to 0..255. ColorJitter
+    applies them in a random order, which matters once values clip"""
+    b, c = b.view(-1, 1, 1, 1), c.view(-1, 1, 1, 1)
+
+    def brightness(v):
+        return (b * v).clamp(0, 255).floor()
+
+    def contrast(v):
+        m = (v.mean(dim=(1, 2, 3), keepdim=True) + 0.5).floor()
+        return (m + c * (v - m)).clamp(0, 255).floor()
+    return torch.where(brightness_first.view(-1, 1, 1, 1), contrast(brightness(x)), brightness(contrast(x)))
+
+
 @torch.no_grad()
 def augment(images, sizes, generator, mean, std, out_size=224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-            flip_p=0.5, jitter_p=0.8, brightness=0.2, contrast=0.2, labels=None):
+            flip_p=0.5, jitter_p=0.8, brightness=0.2, contrast=0.2, labels=None, paper_uint8=False):
     """(B, 1, H, W) raw intensities, zero padded at bottom/right, (B, 2) true (h, w)
     -> (B, 1, out_size, out_size) float32 normalised [, (B, out_size, out_size) int64 labels].
 
@@ -220,7 +258,13 @@ def augment(images, sizes, generator, mean, std, out_size=224, scale=(0.08, 1.0)
     flip 0.5, jitter p 0.8 with brightness 0.2 and contrast 0.2; blur and solarization off).
     Its saturation 0.2, hue 0.1 and grayscale p 0.2 change nothing on a 1-channel image: left out.
     All draws come from `generator` (on images.device): deterministic per seed, and per rank when
-    each rank seeds its own."""
+    each rank seeds its own.
+
+    paper_uint8=True makes the paper's pretraining views exactly (train_pretrain.py --paper-inputs):
+    images hold uint8 values (slices.UnlabelledSlices(paper_inputs=True)), the crops are resized as PIL
+    did (pil_bicubic_weights; each pass rounded and clipped to 0..255), the jitter is PIL's
+    (pil_jitter), and the views stay uint8 values until (x - mean) / std, with the caller's mean and
+    std 255 times the paper's Normalize(67.27, 84.66), which ran after ToTensor's / 255. No labels."""
     B, _, H, W = images.shape
     dev = images.device
     y0, x0, ch, cw = random_crop_boxes(sizes, generator, scale, ratio)           # (B,) each, pixels
@@ -228,6 +272,20 @@ def augment(images, sizes, generator, mean, std, out_size=224, scale=(0.08, 1.0)
     jitter = torch.rand(B, generator=generator, device=dev) < jitter_p
     b = _uniform(B, max(0.0, 1 - brightness), 1 + brightness, generator)       # ColorJitter's ranges
     c = _uniform(B, max(0.0, 1 - contrast), 1 + contrast, generator)
+    if paper_uint8:
+        if labels is not None:
+            raise ValueError("paper_uint8 makes the paper's pretraining views: no labels")
+        brightness_first = torch.rand(B, generator=generator, device=dev) < 0.5   # ColorJitter's order
+        wy = pil_bicubic_weights(y0, ch, H, out_size)                              # (B, S, H)
+        wx = pil_bicubic_weights(x0, cw, W, out_size)                              # (B, S, W)
+        # the horizontal pass, then the vertical one, each rounded and clipped to uint8, as Pillow up to
+        # version 12 resized (13 runs the vertical pass first when it shrinks the height much more)
+        half, one = 2 ** 21, 2 ** 22
+        x = ((images[:, 0].double() @ wx.transpose(1, 2) + half) // one).clamp(0, 255)  # (B, H, S)
+        x = ((wy @ x + half) // one).clamp(0, 255).float()[:, None]                # (B, 1, S, S)
+        x = torch.where(jitter.view(B, 1, 1, 1), pil_jitter(x, b, c, brightness_first), x)
+        x = torch.where(flip.view(B, 1, 1, 1), x.flip(-1), x)                      # the paper flipped last
+        return (x - mean) / std
 
     # sampling grid: output pixel centers t in (0, 1) map to source pixels y0 + t * ch - 0.5
     # (pixel k's center at k), the half-pixel convention of cv2.resize / interpolate(align_corners=False)

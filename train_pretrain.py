@@ -19,10 +19,18 @@ from tqdm import tqdm
 
 import acdc
 import run_folder
+import slices
 import training
 from byol import BYOL, LARS, augment, lars_param_groups, tau_at
 from checkpoints import load_backbone
 from resnet import ARCHS
+
+# what the network sees, in words, for config.json and checkpoint.pt (backbone.pth, in the paper's plain
+# form, cannot say it)
+PAPER_INPUTS = ("the paper's: raw intensities modulo 256 (its uint16 -> uint8), the ED and ES frame files "
+                "as well as the cine, PIL's bicubic crops and uint8 jitter, "
+                "((x mod 256) / 255 - 67.27) / 84.66")
+RAW_INPUTS = "raw intensities, (x - mean) / std"
 
 
 def epoch_list(text):
@@ -58,14 +66,21 @@ def parse_args(argv=None):
     p.add_argument("--collapse-threshold", type=number(float, 0), default=0.01,
                    help="warn when the std of the normalised projections falls below this "
                         "(healthy: ~1/sqrt(256)=0.0625)")
-    return p.parse_args(argv)
+    p.add_argument("--paper-inputs", action="store_true",
+                   help="the paper's input pipeline: intensities as its uint16 -> uint8 conversion left them "
+                        "(modulo 256: 300 -> 44), the ED and ES frame files next to the cine (those slices "
+                        "twice), PIL's bicubic crops and uint8 jitter, ((x mod 256) / 255 - 67.27) / 84.66")
+    args = p.parse_args(argv)
+    if args.paper_inputs and args.norm != "published":
+        p.error("--paper-inputs normalises as the paper did; it takes no --norm")
+    return args
 
 
 def make_views(batch, generator, run):
     """two views of each slice, augmented on the device: (B, 1, H, W) raw -> 2 x (B, 1, size, size) normalised"""
     with torch.no_grad():
-        views = [augment(batch["image"], batch["size"], generator, run.mean, run.std, out_size=run.args.size)
-                 for _ in range(2)]
+        views = [augment(batch["image"], batch["size"], generator, run.mean, run.std, out_size=run.args.size,
+                         paper_uint8=run.args.paper_inputs) for _ in range(2)]
     views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     return views
 
@@ -133,7 +148,7 @@ def save(run, byol, optimizer, scaler, generator, epoch):
     every rank calls it (the ranks' random states are gathered), rank 0 writes"""
     run_folder.save_checkpoint(os.path.join(run.args.out, "checkpoint.pt"), "byol", byol, optimizer, scaler,
                                generator, epoch, run.step, config=run.config, arch=run.args.arch, in_chans=1,
-                               mean=run.mean, std=run.std)
+                               mean=run.mean, std=run.std, inputs=run.config["inputs"])
     if run.env.main:
         run_folder.save_atomic(byol.target_backbone.state_dict(), os.path.join(run.args.out, "backbone.pth"))
 
@@ -145,7 +160,8 @@ def main(args):
     splits = {"train": ["train"], "train+val": ["train", "val"], "all": ["train", "val", "test"]}[args.split]
     with training.main_first(env):
         dataset = torch.utils.data.ConcatDataset(
-            [acdc.UnlabelledSlices(args.data, split=s, cache_dir=args.cache) for s in splits])
+            [slices.UnlabelledSlices(args.data, split=s, cache_dir=args.cache, paper_inputs=args.paper_inputs)
+             for s in splits])
     steps_per_epoch = training.steps_per_epoch(dataset, args.batch_size, env.world_size)
 
     # -------------------------------------------------------------------- model
@@ -157,7 +173,9 @@ def main(args):
     byol, model = training.wrap(BYOL(backbone), env, args.compile)
 
     # -------------------------------------------------------------------- optimizer and schedule
-    mean, std = training.normalisation(args)
+    # --paper-inputs: the views hold uint8 values, on which the paper's Normalize(67.27, 84.66) after
+    # ToTensor's / 255 is (x - 255 * 67.27) / (255 * 84.66)
+    mean, std = (255 * acdc.MEAN, 255 * acdc.STD) if args.paper_inputs else training.normalisation(args)
     global_batch = args.batch_size * env.world_size
     lr = args.lr * global_batch / 256  # the paper's linear scaling rule
     optimizer = LARS(lars_param_groups(byol, args.weight_decay), lr=lr)
@@ -167,7 +185,8 @@ def main(args):
     run.config = training.run_config(args, env, experiment=experiment, data=acdc.describe(args.data), amp=amp,
                                      global_batch=global_batch, lr_scaled=lr, slices=len(dataset),
                                      steps_per_epoch=steps_per_epoch, total_steps=run.total_steps,
-                                     init=args.init, mean=run.mean, std=run.std)
+                                     init=args.init, mean=run.mean, std=run.std,
+                                     inputs=PAPER_INPUTS if args.paper_inputs else RAW_INPUTS)
     # the augmentation's random stream, one per rank
     generator = torch.Generator(device=env.device).manual_seed(args.seed * 65536 + env.rank)
 
@@ -190,7 +209,7 @@ def main(args):
 
     # -------------------------------------------------------------------- loop
     health = training.Health(env.device)
-    loader = training.make_loader(dataset, args.batch_size, env, args.workers, args.seed)
+    loader = slices.make_loader(dataset, args.batch_size, env, args.workers, args.seed)
     for epoch in range(start_epoch, args.epochs):
         # the batches this epoch already did before an interruption are skipped
         loader.sampler.set_epoch(epoch, skip=(run.step - epoch * steps_per_epoch) * args.batch_size)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 import acdc
 import run_folder
+import slices
 import training
 from byol import augment
 from checkpoints import load_weights, read_checkpoint
@@ -39,7 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--weights", default="none",
                    help="'none', a backbone checkpoint or a segmentation checkpoint")
     p.add_argument("--label-fraction", type=number(float, high=1, above=0), default=1.0,
-                   help="fraction of the train slices to use, sampled with --seed, oversampled to a full epoch")
+                   help="fraction of the train slices to use, sampled with --seed; as the paper: "
+                        "round(n x F) slices, repeated int(1 / F) times an epoch (at least 1 slice, at "
+                        "most about n items)")
     p.add_argument("--loss", default="jaccard", choices=["jaccard", "dice", "ce+dice"],
                    help="the paper: multiclass soft Jaccard")
     p.add_argument("--lr", type=number(float, above=0), default=1e-4, help="Adam learning rate (paper: 1e-4)")
@@ -53,7 +56,9 @@ def parse_args(argv=None):
                         "from larger crops, which also match the whole-slice scale of validation better")
     p.add_argument("--freeze-encoder-epochs", type=number(int, 0), default=0,
                    help="keep the encoder's weights fixed (learning rate 0) for the first N epochs")
-    p.add_argument("--val-every", type=number(int, 1), default=1, help="validate every N epochs (and at the end)")
+    p.add_argument("--val-every", type=number(int, 1), default=1,
+                   help="validate every N epochs (and at the end); 10: the paper's candidate checkpoints, "
+                        "epochs 10, 20, ..., 150")
     p.add_argument("--val-batch-size", type=number(int, 1), default=32, help="slices per validation batch")
     args = p.parse_args(argv)
     if args.crop_scale[0] > args.crop_scale[1]:
@@ -169,8 +174,8 @@ def validate(model, dataset, run):
     args, env = run.args, run.env
     model.eval()
     shard = torch.utils.data.Subset(dataset, range(env.rank, len(dataset), env.world_size))
-    loader = torch.utils.data.DataLoader(shard, batch_size=args.val_batch_size, collate_fn=acdc.collate_slices,
-                                         num_workers=min(2, training.default_workers(args.workers)))
+    loader = torch.utils.data.DataLoader(shard, batch_size=args.val_batch_size, collate_fn=slices.collate_slices,
+                                         num_workers=min(2, slices.default_workers(args.workers)))
     counts = torch.zeros(len(CLASSES), len(CLASSES), dtype=torch.long, device=env.device)
     for batch in loader:
         batch = training.to_device(batch, env.device)
@@ -202,11 +207,10 @@ def main(args):
 
     # -------------------------------------------------------------------- data
     with training.main_first(env):
-        train_set = acdc.LabelledSlices(args.data, split="train", cache_dir=args.cache)
-        val_set = acdc.LabelledSlices(args.data, split="val", cache_dir=args.cache)
-    spacing = acdc.spacing_range(train_set.volumes)  # stored in best.pt: predict.py warns outside it
-    if args.label_fraction < 1:
-        train_set = acdc.LabelFraction(train_set, args.label_fraction, args.seed)
+        train_set = slices.LabelledSlices(args.data, split="train", cache_dir=args.cache)
+        val_set = slices.LabelledSlices(args.data, split="val", cache_dir=args.cache)
+    spacing = slices.spacing_range(train_set.volumes)  # stored in best.pt: predict.py warns outside it
+    train_set = slices.LabelFraction(train_set, args.label_fraction, args.seed)  # 1.0: every slice, once
     steps_per_epoch = training.steps_per_epoch(train_set, args.batch_size, env.world_size)
 
     # -------------------------------------------------------------------- model
@@ -228,9 +232,9 @@ def main(args):
                        log=os.path.join(args.out, "log.jsonl"), stop=training.StopSignal(), stopped=False)
     run.config = training.run_config(args, env, experiment=experiment, data=acdc.describe(args.data), amp=amp,
                                      global_batch=args.batch_size * env.world_size, train_slices=len(train_set),
-                                     val_slices=len(val_set), steps_per_epoch=steps_per_epoch,
-                                     total_steps=run.total_steps, weights=loaded, mean=run.mean, std=run.std,
-                                     train_spacing=spacing)
+                                     distinct_train_slices=len(train_set.chosen), val_slices=len(val_set),
+                                     steps_per_epoch=steps_per_epoch, total_steps=run.total_steps, weights=loaded,
+                                     mean=run.mean, std=run.std, train_spacing=spacing)
     generator = torch.Generator(device=env.device).manual_seed(args.seed * 65536 + env.rank)
     meta = dict(arch=args.arch, in_chans=1, num_classes=len(CLASSES), mean=run.mean, std=run.std,
                 train_spacing=spacing, config=run.config)
@@ -248,15 +252,15 @@ def main(args):
         if resume:
             print(f"resumed from {args.resume}: epoch {start_epoch}, step {run.step}")
         print(f"fine-tuning: U-Net {args.arch} on {acdc.describe(args.data)}, weights: {loaded}; "
-              f"{len(train_set)} train slices (label fraction {args.label_fraction}), {len(val_set)} validation "
-              f"slices, global batch {args.batch_size * env.world_size}, {run.total_steps} steps, amp {amp}, "
-              f"device {env.device}")
+              f"{len(train_set.chosen)} distinct train slices x {train_set.repeats} = {len(train_set)} per epoch "
+              f"(label fraction {args.label_fraction}), {len(val_set)} validation slices, global batch "
+              f"{args.batch_size * env.world_size}, {run.total_steps} steps, amp {amp}, device {env.device}")
         training.print_config(run.config)
         run_folder.begin(args.out, run.config, resume)
 
     # -------------------------------------------------------------------- loop
     health = training.Health(env.device)
-    loader = training.make_loader(train_set, args.batch_size, env, args.workers, args.seed)
+    loader = slices.make_loader(train_set, args.batch_size, env, args.workers, args.seed)
     for epoch in range(start_epoch, args.epochs):
         # the batches this epoch already did before an interruption are skipped
         loader.sampler.set_epoch(epoch, skip=(run.step - epoch * steps_per_epoch) * args.batch_size)

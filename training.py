@@ -12,7 +12,6 @@ loop -> save -> tear-down). Nothing here is run on its own.
 import argparse
 import contextlib
 import datetime
-import itertools
 import math
 import os
 import signal
@@ -26,6 +25,7 @@ import torch.distributed as dist
 import acdc
 import files
 import run_folder
+import slices
 from checkpoints import CheckpointError
 
 
@@ -104,7 +104,7 @@ def add_common_args(parser, *, out, epochs, batch_size, size=224, size_multiple=
 
 def normalisation(args):
     """(mean, std) of the raw intensities, as --norm asks; checkpoints store them for evaluate.py"""
-    return (acdc.MEAN, acdc.STD) if args.norm == "published" else acdc.intensity_stats(args.data, args.cache)
+    return (acdc.MEAN, acdc.STD) if args.norm == "published" else slices.intensity_stats(args.data, args.cache)
 
 
 def start(args, kind):
@@ -242,13 +242,6 @@ def wrap(net, env, compile):
     return net, (torch.compile(model) if compile else model)
 
 
-def default_workers(requested):
-    if requested >= 0:
-        return requested
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return max(1, min(8, (os.cpu_count() or 1) // per_node))
-
-
 # -----------------------------------------------------------------------------
 # mixed precision: one code path for CPU, bf16 and fp16 (as nanoGPT)
 
@@ -275,37 +268,7 @@ def warmup_cosine(step, total_steps, warmup_steps, base_lr, start_lr=0.0, final_
 
 
 # -----------------------------------------------------------------------------
-# data: raw slices only; augmentation happens on the device
-
-class EpochSampler(torch.utils.data.Sampler):
-    """this rank's shard of one epoch (DistributedSampler: the order depends on seed and epoch
-    only), minus the samples already seen before an interruption"""
-
-    def __init__(self, sampler):
-        self.sampler, self.skip = sampler, 0
-
-    def set_epoch(self, epoch, skip=0):
-        self.sampler.set_epoch(epoch)
-        self.skip = skip
-
-    def __iter__(self):
-        return itertools.islice(iter(self.sampler), self.skip, None)
-
-    def __len__(self):
-        return len(self.sampler) - self.skip
-
-
-def make_loader(dataset, batch_size, env, workers, seed):
-    """built once: the workers persist across epochs (the sampler runs in this process, so
-    loader.sampler.set_epoch(epoch, skip) before each epoch reaches them)"""
-    sampler = torch.utils.data.DistributedSampler(
-        dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed, drop_last=True)
-    workers = default_workers(workers)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=EpochSampler(sampler), num_workers=workers,
-        collate_fn=acdc.collate_slices, drop_last=True, pin_memory=env.device.type == "cuda",
-        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
-
+# data: raw slices only; augmentation happens on the device (the loader is slices.py's)
 
 def steps_per_epoch(dataset, batch_size, world_size):
     steps = (len(dataset) // world_size) // batch_size

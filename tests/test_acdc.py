@@ -9,17 +9,9 @@ import pytest
 import torch
 
 import acdc
-from phantom import write_phantom
+import slices
 
 TINY = dict(size_range=(40, 56), frames_range=(4, 6), slices_range=(3, 4))
-
-
-@pytest.fixture(scope="session")
-def phantom(tmp_path_factory):
-    """5 patients: 1 test, 2 val, 3..5 train"""
-    root = str(tmp_path_factory.mktemp("phantom"))
-    write_phantom(root, patients=5, seed=0, **TINY)
-    return root
 
 
 def one_patient(phantom, tmp_path, patient=3):
@@ -70,7 +62,7 @@ def test_database_root_and_uncompressed_nii(phantom, tmp_path):
     for root in (tmp_path, tmp_path / "database", tmp_path / "database" / "training"):
         (case,) = acdc.find_cases(str(root))
         assert case.frames[0].image.endswith(".nii") and case.cine.endswith("_4d.nii")
-    dataset = acdc.LabelledSlices(str(tmp_path / "database"), "train")
+    dataset = slices.LabelledSlices(str(tmp_path / "database"), "train")
     assert len(dataset) == sum(nib.load(f.image).shape[2] for f in case.frames)
     assert acdc.check_dataset(str(tmp_path)) == []
 
@@ -88,68 +80,11 @@ def test_spacing_and_affine_round_trip(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# datasets, cache, collate
-
-def test_labelled_slices(phantom):
-    dataset = acdc.LabelledSlices(phantom, "train")
-    frames = [f for case in acdc.find_cases(phantom, split="train") for f in case.frames]
-    assert len(dataset) == sum(nib.load(f.image).shape[2] for f in frames)
-    item = dataset[len(dataset) - 1]
-    assert set(item) == {"image", "label", "patient", "frame", "phase", "slice"}
-    assert item["image"].dtype == torch.float32 and item["label"].dtype == torch.int64
-    f = frames[-1]
-    assert (item["patient"], item["frame"], item["phase"]) == (f.patient, f.frame, f.phase)
-    z = item["slice"]
-    assert np.array_equal(item["image"].numpy(), acdc.read_volume(f.image).data[:, :, z])
-    assert np.array_equal(item["label"].numpy(), acdc.read_label(f.label).data[:, :, z])
-    assert dataset.volumes[-1]["image"] == f.image
-    assert {dataset[i]["patient"] for i in range(len(dataset))} == {3, 4, 5}
-    assert {acdc.LabelledSlices(phantom, "test")[0]["patient"]} == {1}
-
-
-def test_unlabelled_slices(phantom):
-    dataset = acdc.UnlabelledSlices(phantom, "val")
-    cine = acdc.read_volume(acdc.find_cases(phantom, split="val")[0].cine, ndim=4).data  # (X, Y, Z, T)
-    assert len(dataset) == cine.shape[2] * cine.shape[3]
-    item = dataset[len(dataset) - 1]
-    assert set(item) == {"image", "patient", "frame", "slice"}
-    assert (item["patient"], item["frame"], item["slice"]) == (2, cine.shape[3], cine.shape[2] - 1)
-    assert np.array_equal(item["image"].numpy(), cine[:, :, -1, -1])
-
-
-def test_label_fraction(phantom):
-    dataset = acdc.LabelledSlices(phantom, "train")
-    a, b, c = (acdc.LabelFraction(dataset, 0.25, seed) for seed in (0, 0, 1))
-    assert len(a) == len(dataset)  # oversampled back to the full length
-    assert len(a.chosen) == round(0.25 * len(dataset)) and np.array_equal(a.chosen, b.chosen)
-    assert not np.array_equal(a.chosen, c.chosen)
-    seen = {(a[i]["patient"], a[i]["frame"], a[i]["slice"]) for i in range(len(a))}
-    assert len(seen) == len(a.chosen)
-    assert len(acdc.LabelFraction(dataset, 1e-6, 0).chosen) == 1
-
-
-def test_collate_pads_and_keeps_sizes():
-    items = [{"image": torch.ones(3, 5), "label": torch.full((3, 5), 2), "patient": 1},
-             {"image": torch.full((4, 2), 7.0), "label": torch.ones(4, 2, dtype=torch.int64), "patient": 2}]
-    batch = acdc.collate_slices(items)
-    assert batch["image"].shape == (2, 1, 4, 5) and batch["label"].shape == (2, 4, 5)
-    assert batch["size"].tolist() == [[3, 5], [4, 2]] and batch["patient"] == [1, 2]
-    assert batch["image"][0, 0, 3].sum() == 0 and batch["image"][1, 0, :, 2:].sum() == 0
-    assert batch["label"][0, :3].eq(2).all() and batch["label"][1, :, 2:].sum() == 0
-    assert "label" not in acdc.collate_slices([{"image": torch.ones(2, 2)}])
-
-
-def test_dataloader_workers(phantom):
-    dataset = acdc.LabelledSlices(phantom, "train")
-    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=acdc.collate_slices)
-    batches = list(loader)
-    assert sum(len(b["patient"]) for b in batches) == len(dataset)
-    assert batches[0]["image"].shape[:2] == (4, 1)
-
+# the slice cache
 
 def test_cache_hit_and_invalidation(phantom, tmp_path, monkeypatch):
     root, folder = one_patient(phantom, tmp_path)
-    first = acdc.LabelledSlices(root, "train")
+    first = slices.LabelledSlices(root, "train")
     cache = os.path.join(root, ".cache")
     entries = sorted(os.listdir(cache))  # each volume: the .npy and its checksum
     assert len(entries) == 8 and sorted(e[:-4] for e in entries if e.endswith(".npy")) == \
@@ -159,14 +94,14 @@ def test_cache_hit_and_invalidation(phantom, tmp_path, monkeypatch):
         raise AssertionError("decoded a cached volume")
 
     monkeypatch.setattr(acdc, "read_volume", no_decoding)
-    second = acdc.LabelledSlices(root, "train")  # all hits
+    second = slices.LabelledSlices(root, "train")  # all hits
     assert torch.equal(first[0]["image"], second[0]["image"])
     monkeypatch.undo()
 
     image = acdc.find_cases(root)[0].frames[0].image  # a changed source invalidates its entry
     volume = nib.load(image)
     nib.save(nib.Nifti1Image(np.asanyarray(volume.dataobj) + 1, volume.affine, volume.header), image)
-    third = acdc.LabelledSlices(root, "train")
+    third = slices.LabelledSlices(root, "train")
     assert torch.equal(third[0]["image"], first[0]["image"] + 1)
     assert len(os.listdir(cache)) == 8  # the stale entry is gone
 
@@ -174,7 +109,7 @@ def test_cache_hit_and_invalidation(phantom, tmp_path, monkeypatch):
 def test_a_changed_cache_entry_is_found_by_check_and_rebuilt(phantom, tmp_path, capsys):
     """a cached volume zeroed in place would train on black images with real labels"""
     root, folder = one_patient(phantom, tmp_path)
-    first = acdc.LabelledSlices(root, "train")
+    first = slices.LabelledSlices(root, "train")
     image_entry, expected = first.volumes[0]["cache"][0], first[0]["image"].clone()
     del first  # its memory maps: reading a truncated mapped file would be a bus error
     data = np.load(image_entry, mmap_mode="r+")
@@ -183,13 +118,13 @@ def test_a_changed_cache_entry_is_found_by_check_and_rebuilt(phantom, tmp_path, 
     del data
     problems = acdc.check_dataset(root)
     assert len(problems) == 1 and problems[0].startswith(image_entry) and "checksum" in problems[0]
-    again = acdc.LabelledSlices(root, "train")  # rebuilt, with a notice naming it
+    again = slices.LabelledSlices(root, "train")  # rebuilt, with a notice naming it
     assert f"notice: the cache entry {image_entry}" in capsys.readouterr().out
     assert torch.equal(again[0]["image"], expected) and expected.abs().sum() > 0
     del again
     with open(image_entry, "r+b") as f:  # truncated: rebuilt too
         f.truncate(100)
-    assert torch.equal(acdc.LabelledSlices(root, "train")[0]["image"], expected)
+    assert torch.equal(slices.LabelledSlices(root, "train")[0]["image"], expected)
     assert "truncated" in capsys.readouterr().out
     assert acdc.check_dataset(root) == []
 
@@ -203,7 +138,7 @@ def test_a_broken_patient_link_is_a_problem(phantom, tmp_path, kind):
     assert len(problems) == 1 and problems[0].startswith(str(link))
     assert ("loop" if kind == "loop" else "does not exist") in problems[0]
     with pytest.raises(acdc.DatasetError, match="patient013"):  # training does not drop it silently
-        acdc.LabelledSlices(root, "train")
+        slices.LabelledSlices(root, "train")
 
 
 def test_cache_falls_back_when_root_is_not_writable(tmp_path, monkeypatch):
@@ -211,13 +146,6 @@ def test_cache_falls_back_when_root_is_not_writable(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home"))
     assert acdc.default_cache_dir(str(tmp_path)) == str(tmp_path / "home" / "acdc-slices")
     assert acdc.default_cache_dir(str(tmp_path / "x")) == str(tmp_path / "x" / ".cache")
-
-
-def test_intensity_stats(phantom, tmp_path):
-    mean, std = acdc.intensity_stats(phantom, cache_dir=str(tmp_path))
-    x = np.concatenate([acdc.read_volume(f.image).data.ravel().astype(np.float64)
-                        for c in acdc.find_cases(phantom, split="train") for f in c.frames])
-    assert np.isclose(mean, x.mean()) and np.isclose(std, x.std())
 
 
 # -----------------------------------------------------------------------------
@@ -262,7 +190,7 @@ def test_check_and_datasets_report_each_problem(phantom, tmp_path, name, capsys)
     assert acdc.main(["check", root]) == 1
     assert culprit in capsys.readouterr().out
     with pytest.raises(acdc.DatasetError, match=culprit):
-        acdc.LabelledSlices(root, "train")
+        slices.LabelledSlices(root, "train")
 
 
 def test_check_lists_every_problem_in_one_pass(phantom, tmp_path):
@@ -276,7 +204,7 @@ def test_check_lists_every_problem_in_one_pass(phantom, tmp_path):
     assert "patient003/Info.cfg: missing" in problems[0] and "patient004_frame01.nii.gz: a 5D" in problems[1]
     assert "patient004_4d.nii.gz: truncated or corrupt" in problems[2]
     with pytest.raises(acdc.DatasetError, match="Info.cfg: missing"):
-        acdc.UnlabelledSlices(root, "train")
+        slices.UnlabelledSlices(root, "train")
 
 
 @pytest.mark.parametrize("make", ["missing", "empty", "other"])
@@ -290,7 +218,7 @@ def test_check_wrong_root(tmp_path, make):
     assert str(root) in problem
     assert acdc.main(["check", str(root)]) == 1
     with pytest.raises(acdc.DatasetError, match=str(root)):
-        acdc.LabelledSlices(str(root))
+        slices.LabelledSlices(str(root))
 
 
 def test_check_clean_phantom_passes(phantom, capsys):

@@ -3,13 +3,17 @@ Run: python -m pytest tests/test_byol.py"""
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torchvision.transforms.functional as TF
+from PIL import Image  # torchvision's own dependency
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import resnet  # noqa: E402
-from byol import BYOL, LARS, augment, byol_loss, lars_param_groups, mlp, random_crop_boxes, tau_at  # noqa: E402
+from byol import (BYOL, LARS, augment, byol_loss, lars_param_groups, mlp, pil_jitter,  # noqa: E402
+                  random_crop_boxes, tau_at)
 
 MEAN, STD = 67.27297657740893, 84.6606962344396  # acdc.MEAN, acdc.STD
 
@@ -205,3 +209,56 @@ def test_labels_follow_images():
     diff = (out[:, 0] * STD + MEAN - (100 + 50 * lab)).abs()
     assert diff.max() <= 25 + 1e-3
     assert (diff < 1e-3).float().mean() > 0.8
+
+
+# ---------------------------------------------------------------- the paper's uint8 views (--paper-inputs)
+
+def uint8_batch(seed=0):
+    """smooth images with noise, uint8 values, zero padded at bottom/right: (16, 1, 96, 80), (16, 2)"""
+    g = gen(seed)
+    sizes = torch.tensor([[96, 80], [60, 70], [96, 40], [30, 80]] * 4)
+    x = torch.zeros(len(sizes), 1, 96, 80)
+    for i, (h, w) in enumerate(sizes.tolist()):
+        smooth = nn.functional.interpolate(torch.rand(1, 1, 6, 6, generator=g), size=(h, w), mode="bilinear")
+        smooth = smooth[0, 0]
+        x[i, 0, :h, :w] = (255 * smooth + 20 * torch.randn(h, w, generator=g)).round().clamp(0, 255)
+    return x, sizes
+
+
+@pytest.mark.parametrize("out_size", [32, 128])  # crops mostly shrunk (antialiased), mostly enlarged
+def test_paper_uint8_crops_are_pils(out_size):
+    x, sizes = uint8_batch()
+    y0, x0, h, w = (v.int().tolist() for v in random_crop_boxes(sizes, gen(1)))   # augment's first draws
+    ours = augment(x, sizes, gen(1), 0.0, 1.0, out_size=out_size, jitter_p=0, flip_p=0, paper_uint8=True)
+    for i, (H, W) in enumerate(sizes.tolist()):
+        pil = Image.fromarray(x[i, 0, :H, :W].numpy().astype(np.uint8))
+        pil = pil.crop((x0[i], y0[i], x0[i] + w[i], y0[i] + h[i]))
+        # torchvision's resized_crop, BICUBIC; as two calls, so that each runs one pass in Pillow's old order
+        pil = pil.resize((out_size, h[i]), Image.BICUBIC).resize((out_size, out_size), Image.BICUBIC)
+        assert torch.equal(ours[i, 0], torch.tensor(np.asarray(pil), dtype=torch.float32)), i
+
+
+@pytest.mark.parametrize("brightness_first", [True, False])
+def test_paper_uint8_jitter_is_torchvisions_on_pil(brightness_first):
+    x = uint8_batch()[0][:, :, :32, :32]
+    b, c = torch.linspace(0.8, 1.2, len(x)), torch.linspace(1.2, 0.8, len(x))
+    ours = pil_jitter(x, b, c, torch.full((len(x),), brightness_first))
+    for i in range(len(x)):
+        pil = Image.fromarray(x[i, 0].numpy().astype(np.uint8))
+        if brightness_first:
+            pil = TF.adjust_contrast(TF.adjust_brightness(pil, b[i].item()), c[i].item())
+        else:
+            pil = TF.adjust_brightness(TF.adjust_contrast(pil, c[i].item()), b[i].item())
+        assert torch.equal(ours[i, 0], torch.tensor(np.asarray(pil), dtype=torch.float32)), i
+
+
+def test_paper_uint8_views_normalise_uint8_values():
+    x, sizes = uint8_batch()
+    mean, std = 255 * MEAN, 255 * STD  # the paper's Normalize(MEAN, STD) after ToTensor's / 255
+    views = augment(x, sizes, gen(2), mean, std, out_size=32, paper_uint8=True)
+    values = views * std + mean
+    assert torch.allclose(values, values.round(), atol=1e-2)          # whole grey levels ...
+    assert values.min() > -0.01 and values.max() < 255.01              # ... of uint8 images
+    assert torch.equal(views, augment(x, sizes, gen(2), mean, std, out_size=32, paper_uint8=True))
+    with pytest.raises(ValueError, match="no labels"):
+        augment(x, sizes, gen(2), mean, std, out_size=32, paper_uint8=True, labels=x[:, 0].long())

@@ -8,7 +8,7 @@ import torchvision
 
 import acdc
 import phantom as ph
-from test_acdc import TINY, phantom  # noqa: F401  (the 5-patient phantom fixture)
+from test_acdc import TINY
 
 
 def test_phantom_files(phantom):

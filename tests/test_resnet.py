@@ -53,3 +53,46 @@ def test_one_channel_input():
     model = resnet.resnet18(in_chans=1)
     assert model.conv1.weight.shape == (64, 1, 7, 7)
     assert model(torch.randn(2, 1, 64, 64)).shape == (2, 512)
+
+
+@pytest.mark.parametrize("arch, last", [("resnet18", "bn2"), ("resnet50", "bn3")])
+def test_zero_init_last_as_timm(arch, last):
+    model = resnet.ARCHS[arch](in_chans=1)
+    blocks = [block for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for block in layer]
+    assert all(torch.all(getattr(block, last).weight == 0) for block in blocks)
+    others = [m for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)
+              and not name.endswith(last)]
+    assert others and all(torch.all(m.weight == 1) for m in others)
+    # so every block starts as its shortcut: relu(identity) where it has no downsampling
+    block = model.layer1[1]
+    x = torch.randn(2, block.conv1.in_channels, 8, 8)
+    assert torch.equal(block(x), torch.relu(x))
+    assert not torch.all(resnet.ARCHS[arch](zero_init_last=False).layer1[0].get_submodule(last).weight == 0)
+
+
+def test_stem_in_float32_under_bf16_autocast():
+    # a smooth phantom-like image, raw intensities 0..1000, normalised as the paper's fine-tuned U-Nets
+    # expect it (albumentations scaled the statistics by 255): values about -0.79 +- 0.05
+    g = torch.Generator().manual_seed(0)
+    raw = torch.nn.functional.interpolate(torch.rand(4, 1, 8, 8, generator=g), size=64, mode="bilinear")
+    raw = 1000 * (raw - raw.min()) / (raw.max() - raw.min())
+    x = (raw - 255 * 67.27297657740893) / (255 * 84.6606962344396)
+    model = resnet.resnet18(in_chans=1)
+    torch.nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu", generator=g)
+    with torch.no_grad():
+        conv = model.conv1(x)  # the BatchNorm statistics of a model trained on such inputs
+        model.bn1.running_mean.copy_(conv.mean((0, 2, 3)))
+        model.bn1.running_var.copy_(conv.var((0, 2, 3)))
+        model.eval()
+        exact = model.stem(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            stem = model.stem(x)
+            old = model.relu(model.bn1(model.conv1(x)))  # the stem as it ran before: conv1 in bf16
+            f0 = model.features(x)[0]
+
+    def rel(a):
+        return ((a.float() - exact).norm() / exact.norm()).item()
+    assert stem.dtype == torch.float32 and rel(stem) < 1e-3
+    assert rel(old) > 1e-2  # 1.3%: the input in bf16 keeps 12 grey levels, so the test tells the two apart
+    # features() hands the rest of the network the autocast dtype: only the output's rounding differs
+    assert f0.dtype == torch.bfloat16 and rel(f0) < 4e-3

@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 
+import acdc
+import slices
 import byol
 import train_pretrain
 from checkpoints import load_backbone
@@ -71,6 +73,32 @@ def test_resume_continues_exactly(tiny_acdc, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_paper_inputs_reach_the_network(tiny_acdc, tmp_path, monkeypatch):
+    seen = []
+
+    def recording(*args, **kw):  # the views the network is fed
+        views = byol.augment(*args, **kw)
+        seen.append(views)
+        return views
+    monkeypatch.setattr(train_pretrain, "augment", recording)
+    out = tmp_path / "run"
+    run(tiny_acdc, out, "--paper-inputs", "--epochs", "1", "--stop-after", "2")
+    mean, std = 255 * acdc.MEAN, 255 * acdc.STD  # the paper's Normalize(67.27, 84.66) after ToTensor's / 255
+    values = torch.cat(seen) * std + mean
+    assert len(seen) == 4 and values.min() > -0.01 and values.max() < 255.01  # uint8 grey levels (x mod 256)
+    assert torch.allclose(values, values.round(), atol=1e-2) and values.std() > 10
+    config = json.load(open(out / "config.json"))
+    assert config["args"]["paper_inputs"] and config["inputs"].startswith("the paper's")
+    assert (config["mean"], config["std"]) == (mean, std)
+    cine_only = byol_slices(tiny_acdc)
+    frames = slices.LabelledSlices(tiny_acdc, "train", cache_dir=os.path.join(tiny_acdc, "cache"))
+    assert config["slices"] == len(cine_only) + len(frames)  # the ED and ES frames twice
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert (ckpt["mean"], ckpt["std"], ckpt["inputs"]) == (mean, std, config["inputs"])
+    with pytest.raises(SystemExit):
+        train_pretrain.parse_args(["--paper-inputs", "--norm", "data"])
+
+
 def test_a_finished_run_is_not_overwritten(tiny_acdc, tmp_path):
     run(tiny_acdc, tmp_path / "run", "--epochs", "1")
     with pytest.raises(SystemExit, match="holds another run"):
@@ -99,8 +127,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_acdc, tmp
 
 
 def byol_slices(data):
-    import acdc
-    return acdc.UnlabelledSlices(data, split="train", cache_dir=os.path.join(data, "cache"))
+    return slices.UnlabelledSlices(data, split="train", cache_dir=os.path.join(data, "cache"))
 
 
 WRAPPER = """

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import acdc
+import slices
 import train_segment
 from resnet import resnet18
 
@@ -109,14 +110,17 @@ def test_weights_from_a_backbone_file_initialise_the_encoder(tiny_acdc, tmp_path
     assert "the encoder from" in config["weights"]
 
 
-def test_label_fraction_keeps_the_epoch_length(tiny_acdc, tmp_path):
-    run(tiny_acdc, tmp_path / "run", "--label-fraction", "0.25", "--epochs", "1")
+def test_label_fraction_reports_distinct_slices_and_epoch_length(tiny_acdc, tmp_path, capsys):
+    # 1e-9 rounds to no slice: one slice, repeated to about the full epoch (printed "150 train slices" before)
+    with pytest.warns(UserWarning, match="training on 1 slice"):
+        run(tiny_acdc, tmp_path / "run", "--label-fraction", "1e-9", "--val-every", "2")
+    n = len(slices.LabelledSlices(tiny_acdc, "train", cache_dir=os.path.join(tiny_acdc, "cache")))
+    assert f"1 distinct train slices x {n} = {n} per epoch (label fraction 1e-09)" in capsys.readouterr().out
     config = json.load(open(tmp_path / "run" / "config.json"))
-    full = acdc.LabelledSlices(tiny_acdc, "train", cache_dir=os.path.join(tiny_acdc, "cache"))
-    assert config["train_slices"] == len(full)
-    subset = acdc.LabelFraction(full, 0.25, seed=0)
-    assert len(set(subset.chosen.tolist())) == round(0.25 * len(full))
-    assert {int(subset.chosen[i % len(subset.chosen)]) for i in range(len(subset))} == set(subset.chosen.tolist())
+    assert (config["distinct_train_slices"], config["train_slices"], config["steps_per_epoch"]) == (1, n, n // 8)
+    # --val-every 2 validates (and may keep best.pt) after the 2nd epoch, not the 1st: 10 gives the paper's
+    # candidate checkpoints, epochs 10, 20, ..., 150
+    assert [r["epoch"] for r in records(tmp_path / "run") if "val_iou" in r] == [1]
 
 
 @pytest.mark.parametrize("flag, value, expected", [
@@ -133,7 +137,7 @@ def test_bad_numbers_are_refused_at_parse_time(flag, value, expected, capsys):
 
 def test_norm_data_uses_and_stores_the_train_split_statistics(tiny_acdc, tmp_path):
     run(tiny_acdc, tmp_path / "run", "--norm", "data", "--epochs", "1")
-    mean, std = acdc.intensity_stats(tiny_acdc, os.path.join(tiny_acdc, "cache"))
+    mean, std = slices.intensity_stats(tiny_acdc, os.path.join(tiny_acdc, "cache"))
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     assert (best["mean"], best["std"]) == pytest.approx((mean, std))
     assert best["mean"] != pytest.approx(acdc.MEAN)

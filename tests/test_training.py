@@ -12,6 +12,7 @@ import torch
 
 import files
 import run_folder
+import slices
 import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,7 +103,7 @@ def test_autocast_off_on_cpu_by_default():
 
 
 def test_epoch_sampler_orders_by_epoch_and_skips_what_was_seen():
-    sampler = training.EpochSampler(torch.utils.data.DistributedSampler(range(10), num_replicas=1, rank=0, seed=3))
+    sampler = slices.EpochSampler(torch.utils.data.DistributedSampler(range(10), num_replicas=1, rank=0, seed=3))
     sampler.set_epoch(2)
     whole = list(sampler)
     sampler.set_epoch(1)
