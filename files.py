@@ -14,6 +14,21 @@ import nibabel as nib
 import numpy as np
 
 
+def folder_problem(path):
+    """why `path` cannot be an output folder, or None: a file is there, or the nearest folder that
+    exists on the way to it cannot be written. Scripts check --out with it before any work."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "a file is there, not a folder"
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"no permission to write in {parent}"
+    return None
+
+
 def write_atomic(path, write):
     """write(temporary path), then rename: a crash never leaves half a file under the final name"""
     folder, name = os.path.split(path)
