@@ -134,6 +134,10 @@ class Scans(torch.utils.data.Dataset):
             return str(e)
 
 
+def as_is(item):  # the loader's collate_fn: a volume stays a numpy array with its nibabel header
+    return item
+
+
 def info_frames(path):
     """(ED, ES) of the Info.cfg beside `path` (an ACDC patient folder), or None"""
     cfg = os.path.join(os.path.dirname(path), "Info.cfg")
@@ -142,7 +146,7 @@ def info_frames(path):
 
 
 def frame_pairs(scans):
-    """{path: (phase, folder)} of the ED and ES frame files of ACDC patient folders that hold no cine
+    """{path: "ED" or "ES"} of the ED and ES frame files of ACDC patient folders that hold no cine
     (Info.cfg, patientNNN_frameFF.nii.gz): such a folder is a case of its own"""
     by_folder = {}
     for path, _ in scans:
@@ -155,7 +159,7 @@ def frame_pairs(scans):
         named = {phase: [p for p in paths if stem_of(p).endswith(f"_frame{f:02d}")]
                  for phase, f in zip(("ED", "ES"), frames)}
         if all(len(v) == 1 for v in named.values()):
-            pairs.update({named[phase][0]: (phase, folder) for phase in named})
+            pairs.update({named[phase][0]: phase for phase in named})
     return pairs
 
 
@@ -208,7 +212,7 @@ def case_row(case, ed, es, source, ed_volumes, es_volumes):
     return {"case": case, "ed_frame": ed, "es_frame": es, "ed_es_source": source, **indices}
 
 
-def slices_png(path, ed, es, tile=160):
+def slices_png(path, ed, es, tile=192):
     """ed, es: (image, labels) (X, Y, Z) each -> a PNG: basal, mid and apical slices (chosen where the
     ED prediction holds a structure), each image beside the prediction over it; ED on top, ES below"""
     rows = []
@@ -296,7 +300,7 @@ def main(args):
 
     # ---- loop over files: predict, write the mask, measure; a cine (or an ED/ES pair) is a case
     loader = torch.utils.data.DataLoader(Scans([p for p, _ in scans]), batch_size=None,
-                                         collate_fn=lambda x: x, num_workers=args.workers)
+                                         collate_fn=as_is, num_workers=args.workers)
     volume_rows, case_rows, done, pending = [], [], [], {}
     bar = tqdm(zip(scans, loader), total=len(scans), desc="scans", unit="file", disable=None)
     for (path, rel), scan in bar:
@@ -331,11 +335,10 @@ def main(args):
             slices_png(output(stem, "_slices.png"), (image[..., ed - 1], labels[..., ed - 1].cpu()),
                        (image[..., es - 1], labels[..., es - 1].cpu()))
         elif path in pairs:  # an ACDC folder without a cine: its ED and ES files make the case
-            phase, _ = pairs[path]
-            pending.setdefault(folder, {})[phase] = (torch.from_numpy(scan.data), labels.cpu(), volumes[0])
+            pending.setdefault(folder, {})[pairs[path]] = (torch.from_numpy(scan.data), labels.cpu(), volumes[0])
             if len(pending[folder]) == 2:
-                (ed_image, ed_labels, ed_volumes), (es_image, es_labels, es_volumes) = (
-                    pending.pop(folder)[phase] for phase in ("ED", "ES"))
+                pair = pending.pop(folder)
+                (ed_image, ed_labels, ed_volumes), (es_image, es_labels, es_volumes) = pair["ED"], pair["ES"]
                 case_rows.append(case_row(case, *info_frames(path), "Info.cfg", ed_volumes, es_volumes))
                 png = output(os.path.join(os.path.dirname(stem), os.path.basename(folder)), "_slices.png")
                 slices_png(png, (ed_image, ed_labels), (es_image, es_labels))

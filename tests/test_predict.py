@@ -116,6 +116,13 @@ def test_acdc_patient_folder_with_tta(setup, capsys):
     assert [(r["case"], int(r["ed_frame"]), int(r["es_frame"]), r["ed_es_source"]) for r in indices] == \
         [("patient001", case.ed, case.es, "Info.cfg")]
 
+    # without its cine, an ACDC patient folder is a case of its ED and ES frame files
+    shutil.copytree(case.path, root / "no-cine" / "patient001", ignore=shutil.ignore_patterns("*_4d.nii*"))
+    run(root, "-i", str(root / "no-cine"), "-o", str(root / "frames"), "--tta", "--norm", "10,20")
+    _, frames = read_csv(root / "frames" / "indices.csv")
+    assert frames == indices  # the same frames, the same volumes as the cine's
+    assert (root / "frames" / "patient001" / "patient001_slices.png").exists()
+
 
 def test_flags_and_output_folder_are_checked_first(setup, tmp_path, capsys):
     root, case = setup
