@@ -8,7 +8,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-import torchvision
 
 import acdc
 import evaluate as ev
