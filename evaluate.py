@@ -3,15 +3,18 @@
 - the paper's protocol: IoU per class on each 2D slice, averaged over slices (with background,
   as the paper reports it, and over the three structures alone);
 - the ACDC challenge's protocol: Dice and Hausdorff distance per structure on whole 3D volumes,
-  end diastole (ED) and end systole (ES) apart, plus the clinical indices (volumes, ejection
-  fractions, myocardial mass) against the ground truth.
+  end diastole (ED) and end systole (ES) apart, plus the clinical indices (volumes, stroke volumes,
+  ejection fractions, myocardial mass) against the ground truth.
 
     python evaluate.py --checkpoint runs/seg/best.pt --data data/acdc-synth --split test
 
-Writes into --out (default: eval-<split> beside the checkpoint): metrics.json, metrics.csv (one
-row per patient and phase), patientNNN_frameFF_pred.nii.gz (labels on the source image's grid,
-so ITK-SNAP or 3D Slicer overlays them) and patientNNN.png (image | truth | prediction).
-Prediction is inference.py's, the numbers are metrics.py's.
+Prediction is predict.py's (inference.predict_volume: the same padding, normalisation and flips),
+the numbers are metrics.py's. Writes into --out (default: eval-<checkpoint file name>-<split> beside
+the checkpoint): metrics.json (the summary, written last: it marks a finished evaluation),
+metrics.csv (one row per patient and phase), patientNNN_frameFF_pred.nii.gz (labels on the source
+image's grid, so ITK-SNAP or 3D Slicer overlays them) and patientNNN.svg (basal, mid and apical
+slices at ED and ES: image, truth, prediction, with the Dice of each structure). Scores on data
+that phantom.py wrote say "synthetic phantom".
 """
 import argparse
 import os
@@ -23,29 +26,36 @@ from tqdm import tqdm
 
 import acdc
 import files
+import inference
 import pictures
 import training
-from checkpoints import CheckpointError
-from inference import load_model, predict_volume
 from metrics import STRUCTURES, agreement, clinical_indices, mean_std, paper_iou_summary, score_volume, slice_iou
 
 
-def case_png(rows):
-    """rows of (image, truth, prediction (X, Y, Z) each, slice index) -> (3, H, W) uint8 picture;
-    each row: image | truth overlay | prediction overlay, intensities windowed at the 1st/99th
-    percentile of the volume. Slices are shown as the model sees them: X down, Y across."""
-    tiles = []
-    for image, truth, pred, z in rows:
+def case_svg(path, title, rows):
+    """rows of (caption, image, truth, prediction (X, Y, Z) each, slice index) -> an SVG: each row
+    image | truth overlay | prediction overlay under its caption, intensities windowed at the
+    1st/99th percentile of the volume. Slices are shown as the model sees them: X down, Y across."""
+    tiles, captions = [], []
+    for caption, image, truth, pred, z in rows:
         gray = pictures.grey(image)[:, :, z]
         tiles.append([gray.expand(3, -1, -1), pictures.overlay(gray, truth[:, :, z]),
                       pictures.overlay(gray, pred[:, :, z])])
-    return pictures.montage(tiles)
+        captions.append(caption)
+    pictures.write_svg(path, [pictures.Tiles(tiles, title=title, captions=captions)])
+
+
+def cell(value, spec):
+    """a number for the table, or n/a where it is undefined (nan)"""
+    return "n/a" if value != value else format(value, spec)
 
 
 def table(m):
     """the summary as plain aligned text"""
     p = m["paper_slice_iou"]
-    lines = [f"split '{m['split']}': {m['cases']} patients, {m['volumes']} volumes",
+    data = m["data"]["path"] + (" (synthetic phantom, not ACDC)" if m["data"]["synthetic_phantom"] else "")
+    lines = [f"data: {data}",
+             f"split '{m['split']}': {m['cases']} patients, {m['volumes']} volumes",
              f"paper protocol (2D, {p['slices']} slices, mean +- std over slices):",
              f"  mean IoU with background {p['mean_iou_with_background']:.4f} +- {p['std_iou_with_background']:.4f}"
              f"   structures only {p['mean_iou_structures']:.4f} +- {p['std_iou_structures']:.4f}",
@@ -54,13 +64,15 @@ def table(m):
              f"  {'phase':<6}{'structure':<10}{'Dice':>18}{'HD (mm)':>18}{'HD95 (mm)':>18}"]
     for phase, per in m["challenge"].items():
         for s, v in per.items():
-            cells = [f"{v[k]['mean']:.3f} +- {v[k]['std']:.3f}" for k in ("dice", "hd", "hd95")]
+            cells = [f"{cell(v[k]['mean'], '.3f')} +- {cell(v[k]['std'], '.3f')}"
+                     for k in ("dice", "hd", "hd95")]
             missing = f"  (HD missing for {v['hd']['missing']})" if v["hd"]["missing"] else ""
             lines.append(f"  {phase:<6}{s:<10}{cells[0]:>18}{cells[1]:>18}{cells[2]:>18}{missing}")
     lines.append(f"  mean Dice of the three structures over ED and ES: {m['mean_dice_structures']:.4f}")
-    lines += [f"clinical indices, prediction vs truth over {m['cases']} patients:",
+    lines += [f"clinical indices, prediction vs truth over {m['cases']} patients (corr n/a below 3):",
               f"  {'index':<12}{'corr':>8}{'bias':>10}{'std':>10}"]
-    lines += [f"  {k:<12}{v['corr']:>8.3f}{v['bias']:>10.2f}{v['std']:>10.2f}" for k, v in m["clinical"].items()]
+    lines += [f"  {k:<12}{cell(v['corr'], '.3f'):>8}{cell(v['bias'], '.2f'):>10}{cell(v['std'], '.2f'):>10}"
+              for k, v in m["clinical"].items()]
     return "\n".join(lines)
 
 
@@ -68,32 +80,28 @@ def table(m):
 # the script
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True,
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=training.HelpFormatter)
+    p.add_argument("--checkpoint", required=True, default=argparse.SUPPRESS,
                    help="RUN/best.pt of train_segment.py, or a fine-tuned checkpoint of the paper")
     p.add_argument("--data", default="data/acdc-synth",
-                   help="ACDC root (training/, testing/ or a folder holding them)")
+                   help="ACDC root (training/, testing/ or a folder holding them); the default is the phantom")
     p.add_argument("--split", default="test", choices=["train", "val", "test", "testing"],
                    help="the paper's patient split (test: 1, 11, ..., 91), or ACDC's testing set (101-150)")
-    p.add_argument("--out", default=None, help="output folder (default: eval-<split> beside the checkpoint)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default %(default)s: eval-<checkpoint file name>-<split> beside the "
+                        "checkpoint)")
     p.add_argument("--overwrite", action="store_true", help="replace the results of a finished evaluation in --out")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                   help="mixed precision; auto: bf16 on a GPU that supports it, fp16 on other GPUs, off on CPU")
-    p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
-    p.add_argument("--min-size", type=int, default=224,
-                   help="pad slices to at least this size (the paper: 224, its training crop); "
-                        "0: to a multiple of 32 only")
-    p.add_argument("--workers", type=int, default=2, help="processes reading the next volumes while the model runs")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow full unpickling of checkpoints that hold more than tensors (runs code from the file)")
+    training.add_device_args(p)
+    inference.add_args(p)
+    p.add_argument("--workers", type=training.number(int, 0), default=2,
+                   help="processes reading the next volumes while the model runs")
     return p.parse_args(argv)
 
 
 class CaseVolumes(torch.utils.data.Dataset):
-    """-> (case, [(frame, image volume, label volume)]) for ED and ES, read by loader workers
-    while the model works on the previous patient"""
+    """-> (case, [(frame, image volume, label volume)] for ED and ES, or the problem in words), read by
+    loader workers while the model works on the previous patient. A problem travels as a message: an
+    exception raised in a worker would reach the user wrapped in the worker's traceback."""
 
     def __init__(self, cases):
         self.cases = cases
@@ -103,11 +111,15 @@ class CaseVolumes(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         case, volumes = self.cases[i], []
-        for f in case.frames:
-            image, label = acdc.read_volume(f.image), acdc.read_label(f.label)
-            if image.data.shape != label.data.shape:
-                raise acdc.DatasetError(f"{f.label}: labels of shape {label.data.shape}, the image {image.data.shape}")
-            volumes.append((f, image, label))
+        try:
+            for f in case.frames:
+                image, label = acdc.read_volume(f.image), acdc.read_label(f.label)
+                if image.data.shape != label.data.shape:
+                    raise acdc.DatasetError(f"{f.label}: labels of shape {label.data.shape}, "
+                                            f"the image {f.image} {image.data.shape}")
+                volumes.append((f, image, label))
+        except acdc.DatasetError as e:
+            return case, str(e)
         return case, volumes
 
 
@@ -129,29 +141,39 @@ def summarize(rows, ious, clinical):
 
 def main(args):
     t0 = time.time()
-    # ---- set-up: device, output folder (a finished evaluation is never overwritten silently)
-    device = training.setup(args.device).device
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"eval-{args.split}")
+    # ---- output folder, checked before any work (a finished evaluation is never overwritten silently)
+    stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
+    beside = os.path.dirname(os.path.abspath(args.checkpoint))
+    out = args.out or os.path.join(beside, f"eval-{stem}-{args.split}")
+    if problem := files.folder_problem(out):
+        sys.exit(f"error: --out {out}: {problem}")
     if os.path.exists(os.path.join(out, "metrics.json")) and not args.overwrite:
-        sys.exit(f"--out {out} holds a finished evaluation (metrics.json): pass --overwrite or choose another --out")
+        sys.exit(f"error: --out {out} holds a finished evaluation (metrics.json): pass --overwrite or choose "
+                 f"another --out")
+    device = training.setup(args.device).device
 
     # ---- data and model
+    print(f"data: {acdc.describe(args.data)}")
+    phantom = " (synthetic phantom)" if acdc.is_phantom(args.data) else ""
     try:
         cases = acdc.find_cases(args.data, split=args.split)  # other splits' problems do not stop this one
-        unlabelled = [c.path for c in cases if len(c.frames) < 2]
-        if unlabelled:
-            raise acdc.DatasetError(f"{unlabelled[0]}: no _gt label files for ED and ES ({len(unlabelled)} such "
-                                    f"patients); ACDC's testing set came without labels before its 2020 re-release")
-        model, (*norm, norm_source) = load_model(args.checkpoint, device, trust=args.trust_checkpoint,
-                                                 flag="--checkpoint")
-    except (acdc.DatasetError, CheckpointError) as e:
-        sys.exit(str(e))
+    except acdc.DatasetError as e:
+        sys.exit(f"error: --data: {e}")
+    unlabelled = [c.path for c in cases if len(c.frames) < 2]
+    if unlabelled:
+        sys.exit(f"error: --data: {unlabelled[0]}: no _gt label files for ED and ES ({len(unlabelled)} such "
+                 f"patients); ACDC's testing set came without labels before its 2020 re-release: "
+                 f"segment it with predict.py")
+    model, from_checkpoint = inference.load_model(args.checkpoint, device, trust=args.trust_checkpoint,
+                                                  flag="--checkpoint")
+    norm = inference.normalisation(args.norm, from_checkpoint)
     loader = torch.utils.data.DataLoader(CaseVolumes(cases), batch_size=None, collate_fn=as_is,
                                          num_workers=args.workers)
     net = torch.compile(model) if args.compile else model
     autocast, _, amp = training.autocast(device, args.amp)
-    print(f"evaluating {len(cases)} patients of split '{args.split}' on {device}, amp {amp}, input normalised as "
-          f"(x - {norm[0]:.6g}) / {norm[1]:.6g}; writing to {out}")
+    print(f"evaluating {len(cases)} patients of split '{args.split}' on {device}, amp {amp}, "
+          f"tta {'on' if args.tta else 'off'}; input normalised as (x - {norm[0]:.6g}) / {norm[1]:.6g}, "
+          f"{norm[2]}; writing to {out}")
     os.makedirs(out, exist_ok=True)
     if os.path.exists(os.path.join(out, "metrics.json")):  # --overwrite: the old summary goes first, so an
         os.remove(os.path.join(out, "metrics.json"))        # interrupted run never passes for a finished one
@@ -159,29 +181,39 @@ def main(args):
     # ---- loop over patients: predict the ED and ES volumes, score them, write masks and a picture
     rows, ious, clinical = [], [], []
     for case, frames in tqdm(loader, desc="patients", unit="patient", disable=None):
+        if isinstance(frames, str):
+            raise acdc.DatasetError(frames)
         tiles, phases = [], {}
         for frame, image, label in frames:
             spacing = image.spacing  # mm along X, Y, Z
-            pred = predict_volume(net, image.data, device, norm, autocast, args.batch_size, args.min_size)  # (X, Y, Z)
+            pred = inference.predict_volume(net, image.data, device, norm, autocast, args.batch_size,
+                                            args.min_size, args.tta)  # (X, Y, Z) uint8
             truth = torch.from_numpy(label.data).to(device)
             name = f"patient{case.patient:03d}_frame{frame.frame:02d}"
             pred_cpu = pred.cpu()  # one copy back, for the NIfTI file and the picture
             files.write_nifti(os.path.join(out, f"{name}_pred.nii.gz"), pred_cpu.numpy(), image)
-            rows.append({"patient": case.patient, "frame": frame.frame, "phase": frame.phase,
-                         "slices": pred.shape[2], **score_volume(pred, truth, spacing)})
+            row = {"patient": case.patient, "frame": frame.frame, "phase": frame.phase,
+                   "slices": pred.shape[2], **score_volume(pred, truth, spacing)}
+            rows.append(row)
             ious.append(slice_iou(pred.permute(2, 0, 1), truth.permute(2, 0, 1)).cpu())  # (Z, C)
             phases[frame.phase] = (pred, truth, spacing)
-            tiles += [(torch.from_numpy(image.data), torch.from_numpy(label.data), pred_cpu, z)
+            dice = ", ".join(f"{s} {row[f'dice_{s}']:.3f}" for s in STRUCTURES.values())
+            tiles += [(f"{frame.phase} (frame {frame.frame}), slice {z + 1} of {pred.shape[2]}: Dice {dice}",
+                       torch.from_numpy(image.data), torch.from_numpy(label.data), pred_cpu, z)
                       for z in pictures.pick_slices(truth)]
         (ed_pred, ed_truth, ed_sp), (es_pred, es_truth, es_sp) = phases["ED"], phases["ES"]
         clinical.append((clinical_indices(ed_pred, es_pred, ed_sp, es_sp),
                          clinical_indices(ed_truth, es_truth, ed_sp, es_sp)))
-        pictures.write_png(os.path.join(out, f"patient{case.patient:03d}.png"), case_png(tiles))
+        case_svg(os.path.join(out, f"patient{case.patient:03d}.svg"),
+                 f"patient{case.patient:03d}{phantom}: image | truth | prediction", tiles)
 
     # ---- summary; metrics.json last: its presence marks a finished evaluation
-    metrics = {"checkpoint": os.path.abspath(args.checkpoint), "data": os.path.abspath(args.data),
+    metrics = {"checkpoint": os.path.abspath(args.checkpoint),
+               "data": {"path": os.path.abspath(args.data), "synthetic_phantom": bool(phantom)},
                "split": args.split, "cases": len(cases), "volumes": len(rows), **summarize(rows, ious, clinical),
-               "device": str(device), "amp": amp, "min_size": args.min_size, "seconds": round(time.time() - t0, 1)}
+               "normalisation": {"mean": norm[0], "std": norm[1], "source": norm[2]}, "tta": args.tta,
+               "device": str(device), "amp": amp, "min_size": args.min_size,
+               "seconds": round(time.time() - t0, 1)}
     files.write_csv(os.path.join(out, "metrics.csv"), rows)
     files.write_json(os.path.join(out, "metrics.json"), metrics)
     print(table(metrics))
@@ -189,4 +221,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    training.run_main(main, parse_args())

@@ -9,24 +9,24 @@ import io
 import json
 import math
 import os
-import sys
-import tempfile
 
 import nibabel as nib
 import numpy as np
 
 
-def check_folder(path, flag):
-    """make sure `path` is a folder this process can write into (creating it), before any work is
-    done: a clear one-line exit naming the flag, not a PermissionError on a temporary file later"""
+def folder_problem(path):
+    """why `path` cannot be an output folder, or None: a file is there, or the nearest folder that
+    exists on the way to it cannot be written. Scripts check --out with it before any work."""
     if os.path.exists(path) and not os.path.isdir(path):
-        sys.exit(f"{flag} {path}: a file, not a folder: choose a folder")
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        sys.exit(f"{flag} {path}: cannot write there ({e.strerror or type(e).__name__}): choose another folder")
+        return "a file is there, not a folder"
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"no permission to write in {parent}"
+    return None
 
 
 def write_atomic(path, write):

@@ -1,12 +1,16 @@
 """Applying a trained U-Net to whole slices or volumes by the paper's evaluation protocol.
 
     model, norm = load_model("RUN/best.pt", device)              # eval mode, on the device
-    labels = predict_volume(model, volume, device, norm)         # (X, Y, Z) raw -> (X, Y, Z) uint8 labels
+    labels = predict_volume(model, volume, device, norm)         # (X, Y, Z[, T]) raw -> the same shape, uint8
+    labels = predict_volume(model, volume, device, norm, tta=True)   # + flipped copies, probabilities averaged
 
 Each slice is zero-padded at the bottom and right to a multiple of 32 (the encoder's stride) and
 to at least 224 pixels (the paper's training crop), normalised, segmented, and its logits cropped
-back. Validation in train_segment.py, evaluate.py and predict.py all predict through here.
+back. Validation in train_segment.py, evaluate.py and predict.py all predict through here. Also
+here: the normalisation --norm chooses, and the geometry a model expects (the spacing range it was
+trained on, checked by geometry_warnings; scans are never resampled, as the paper did not).
 """
+import argparse
 import contextlib
 import math
 
@@ -15,6 +19,7 @@ import torch.nn.functional as F
 
 import acdc
 import checkpoints
+from training import number
 
 
 def pad_to(x, multiple=32, min_size=0):
@@ -33,33 +38,145 @@ def crop_to(logits, hw):
     return logits[..., :h, :w]
 
 
-def load_model(source, device, trust=False, flag=None):
-    """a segmentation checkpoint -> (UNet in eval mode on `device`, channels_last, (mean, std, where
-    they come from) of its input normalisation); flag: how messages name the file ('--checkpoint FILE')"""
-    model, norm = checkpoints.load_unet(source, trust=trust, flag=flag)
+def load_model(source, device, trust=False, flag=None, name=None):
+    """a segmentation checkpoint (a path, a name, or the dict read from it) -> (UNet in eval mode on
+    `device`, channels_last, (mean, std, where they come from) of its input normalisation); flag and
+    name: how messages name the file ('--checkpoint FILE')"""
+    model, norm = checkpoints.load_unet(source, trust=trust, flag=flag, name=name)
     model = model.to(device, memory_format=torch.channels_last).eval()
     return model, norm
 
 
-@torch.inference_mode()
-def predict_slices(model, images, norm=(acdc.MEAN, acdc.STD), autocast=contextlib.nullcontext, min_size=224):
-    """(B, H, W) raw intensities -> (B, H, W) int64 labels, by the protocol the paper evaluated with:
+def logits_of(model, images, norm, autocast, min_size):
+    """(B, H, W) raw intensities -> (B, C, H, W) logits, by the protocol the paper evaluated with:
     zero-padded at the bottom/right to a multiple of 32 and at least min_size (224, its training
     crop), then normalised (the paper padded the raw image first), logits cropped back"""
     x, size = pad_to(images.float()[:, None], multiple=32, min_size=min_size)  # (B, 1, H', W')
-    x = acdc.normalize(x, *norm)
+    x = acdc.normalize(x, *norm[:2])
     x = x.contiguous(memory_format=torch.channels_last)
     with autocast():
         logits = model(x)  # (B, C, H', W')
-    return crop_to(logits, size).argmax(1)  # (B, H, W)
+    return crop_to(logits, size)  # (B, C, H, W)
+
+
+@torch.inference_mode()
+def predict_probabilities(model, images, norm=(acdc.MEAN, acdc.STD), autocast=contextlib.nullcontext,
+                          min_size=224, tta=False):
+    """(B, H, W) raw intensities -> (B, C, H, W) float32 softmax probabilities. tta: the mean of the
+    probabilities of the slice and of its horizontally flipped copy (Y, the last axis, mirrored;
+    flipped before padding, so the padding stays at the bottom and right, and flipped back)"""
+    probs = logits_of(model, images, norm, autocast, min_size).float().softmax(1)
+    if tta:
+        flipped = logits_of(model, images.flip(-1), norm, autocast, min_size).float().softmax(1)
+        probs = (probs + flipped.flip(-1)) / 2
+    return probs
+
+
+@torch.inference_mode()
+def predict_slices(model, images, norm=(acdc.MEAN, acdc.STD), autocast=contextlib.nullcontext, min_size=224,
+                   tta=False):
+    """(B, H, W) raw intensities -> (B, H, W) int64 labels (see logits_of for the protocol; tta:
+    predict_probabilities' flips). norm: (mean, std[, where they come from])"""
+    if tta:
+        return predict_probabilities(model, images, norm, autocast, min_size, tta=True).argmax(1)
+    return logits_of(model, images, norm, autocast, min_size).argmax(1)  # (B, H, W)
 
 
 def predict_volume(model, volume, device, norm=(acdc.MEAN, acdc.STD), autocast=contextlib.nullcontext,
-                   batch_size=32, min_size=224):
-    """(X, Y, Z) image volume (numpy or tensor, nibabel's axis order) -> (X, Y, Z) uint8 labels on
-    `device`, predicted slice by slice ([:, :, z], as acdc.py hands slices to the model) in batches.
-    The model must already be on `device` and in eval mode."""
-    slices = torch.as_tensor(volume).to(device).permute(2, 0, 1)  # (Z, X, Y)
-    labels = [predict_slices(model, slices[i:i + batch_size], norm, autocast, min_size)
+                   batch_size=32, min_size=224, tta=False):
+    """(X, Y, Z) image volume or (X, Y, Z, T) cine (numpy or tensor, nibabel's axis order) -> labels of
+    the same shape, uint8, on `device`, predicted slice by slice ([:, :, z(, t)], as acdc.py hands
+    slices to the model) in batches. The model must already be on `device` and in eval mode."""
+    volume = torch.as_tensor(volume)
+    shape = volume.shape
+    slices = volume.reshape(*shape[:2], -1).to(device).permute(2, 0, 1)  # (Z * T, X, Y)
+    labels = [predict_slices(model, slices[i:i + batch_size], norm, autocast, min_size, tta)
               for i in range(0, len(slices), batch_size)]
-    return torch.cat(labels).to(torch.uint8).permute(1, 2, 0)  # (X, Y, Z)
+    return torch.cat(labels).to(torch.uint8).permute(1, 2, 0).reshape(shape)  # (X, Y, Z[, T])
+
+
+# -----------------------------------------------------------------------------
+# the input normalisation, as --norm chooses it
+
+NORM_CHOICES = ("checkpoint", "published", "paper")
+
+
+def norm_flag(text):
+    """argparse type of --norm: checkpoint, published, paper, or MEAN,STD (numbers, STD > 0)"""
+    if text in NORM_CHOICES:
+        return text
+    try:
+        mean, std = (float(v) for v in text.split(","))
+    except ValueError:
+        mean = std = float("nan")
+    if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected checkpoint, published, paper or MEAN,STD "
+                                         f"(two numbers, STD > 0, e.g. 67.27,84.66)")
+    return mean, std
+
+
+def normalisation(choice, from_checkpoint):
+    """--norm's choice and the checkpoint's own (mean, std, source) -> (mean, std, source in words)"""
+    if choice == "checkpoint":
+        mean, std, source = from_checkpoint
+        return mean, std, f"the checkpoint's: {source}"
+    if choice == "published":
+        return acdc.MEAN, acdc.STD, "ACDC's published statistics (--norm published)"
+    if choice == "paper":
+        return (acdc.MEAN * 255, acdc.STD * 255,
+                "ACDC's statistics x 255, what the paper's fine-tuned models saw (--norm paper)")
+    return *choice, "given with --norm"
+
+
+# -----------------------------------------------------------------------------
+# the geometry the model was trained on. No resampling (the paper did none): a scan far from it is
+# segmented as it is, with a warning
+
+# ACDC's in-plane pixel size and distance between slices, mm: the training range of the paper's
+# checkpoints and of checkpoints written before best.pt stored its own
+ACDC_SPACING = {"in_plane": (1.37, 1.68), "between_slices": (5.0, 10.0)}
+TOLERANCE = 1.25  # "far outside": more than 25 % below the smallest or above the largest pixel trained on
+
+
+def train_spacing(ckpt):
+    """a loaded checkpoint -> ({"in_plane": (lo, hi), "between_slices": (lo, hi)} in mm, source in
+    words): the "train_spacing" that train_segment.py stores in best.pt, else ACDC's"""
+    stored = ckpt.get("train_spacing") if ckpt.get("kind") == "segmentation" else None
+    if isinstance(stored, dict) and all(len(stored.get(k) or ()) == 2 for k in ACDC_SPACING):
+        return {k: tuple(float(v) for v in stored[k]) for k in ACDC_SPACING}, "stored in the checkpoint"
+    return dict(ACDC_SPACING), "ACDC's range, as the checkpoint stores none"
+
+
+def geometry_warnings(spacing, trained):
+    """(x, y, z) spacing in mm of a scan, train_spacing's ranges -> [warning]: the slices must run
+    along the third axis (the one with the largest spacing in short-axis stacks), and the pixel size
+    must be near the training data's (the model sees pixels, not mm)"""
+    found = []
+    if spacing[2] < max(spacing[:2]):
+        found.append(f"spacing {fmt(spacing)} mm: the third axis is not the one with the largest spacing, "
+                     f"so the slices the model sees ([:, :, z]) may not be short-axis slices")
+    lo, hi = trained["in_plane"]
+    outside = [s for s in spacing[:2] if not lo / TOLERANCE <= s <= hi * TOLERANCE]
+    if outside:
+        found.append(f"in-plane spacing {fmt(spacing[:2])} mm, far from the {lo:g}-{hi:g} mm the model was "
+                     f"trained on: structures look larger or smaller than it learned (no resampling is done)")
+    return found
+
+
+def fmt(values):
+    return " x ".join(f"{v:.3g}" for v in values)
+
+
+def add_args(p):
+    """the flags of how evaluate.py and predict.py apply a model: --batch-size, --min-size, --norm, --tta"""
+    p.add_argument("--batch-size", type=number(int, 1), default=32, help="slices per forward pass")
+    p.add_argument("--min-size", type=number(int, 0), default=224,
+                   help="pad slices to at least this size (the paper: 224, its training crop); "
+                        "0: to a multiple of 32 only")
+    p.add_argument("--norm", type=norm_flag, default="checkpoint",
+                   help="input normalisation (x - mean) / std: checkpoint (what the checkpoint stores or "
+                        "implies), published (ACDC's mean 67.27, std 84.66), paper (those x 255, what the "
+                        "paper's fine-tuned models saw), or MEAN,STD")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average the softmax probabilities of each slice and of its "
+                        "horizontally flipped copy (twice the compute)")

@@ -149,25 +149,42 @@ def volumes_ml(labels, spacing):
     return {name: (labels == value).sum().item() * voxel_ml for value, name in STRUCTURES.items()}
 
 
-def clinical_indices(ed_labels, es_labels, ed_spacing, es_spacing):
-    """end-diastolic / end-systolic volumes (mL), ejection fractions (%), myocardial mass at ED (g)"""
-    ed, es = volumes_ml(ed_labels, ed_spacing), volumes_ml(es_labels, es_spacing)
+def indices_of_volumes(ed, es):
+    """volumes_ml of the ED and ES frames -> end-diastolic / end-systolic volumes (mL), stroke volume
+    (EDV - ESV, mL), ejection fraction (SV / EDV, %) of LV and RV, myocardial mass at ED (g)"""
     out = {}
     for v in ("LV", "RV"):
-        out[f"{v}_EDV"], out[f"{v}_ESV"] = ed[v], es[v]
+        out[f"{v}_EDV"], out[f"{v}_ESV"], out[f"{v}_SV"] = ed[v], es[v], ed[v] - es[v]
         out[f"{v}_EF"] = (ed[v] - es[v]) / ed[v] * 100 if ed[v] > 0 else float("nan")
     out["MYO_mass"] = ed["MYO"] * MYO_DENSITY
     return out
 
 
+def clinical_indices(ed_labels, es_labels, ed_spacing, es_spacing):
+    """label volumes of ED and ES -> indices_of_volumes"""
+    return indices_of_volumes(volumes_ml(ed_labels, ed_spacing), volumes_ml(es_labels, es_spacing))
+
+
+def ed_es_frames(lv_volumes):
+    """LV volume per frame of a cine -> (ED, ES) frames counted from 1, as ACDC's Info.cfg counts them:
+    end diastole is the frame of largest LV volume, end systole that of the smallest (the first one
+    on a tie). A cine whose LV never changes gives the same frame twice."""
+    v = torch.as_tensor(lv_volumes, dtype=torch.float64)
+    if v.dim() != 1 or len(v) == 0 or not v.isfinite().all():
+        raise ValueError(f"ed_es_frames needs a 1D curve of finite volumes, got {v.tolist()}")
+    # argmax/argmin of a float64 CPU tensor return the first extreme on a tie
+    return int(v.argmax()) + 1, int(v.argmin()) + 1
+
+
 def agreement(pred, truth):
-    """predicted vs true values over patients: Pearson correlation, bias (mean of pred - truth)
-    and the standard deviation of that error"""
+    """predicted vs true values over patients: Pearson correlation (nan, undefined, below three
+    patients: two points always lie on a line), bias (mean of pred - truth) and the standard
+    deviation of that error"""
     p, t = torch.tensor(pred, dtype=torch.float64), torch.tensor(truth, dtype=torch.float64)
     ok = p.isfinite() & t.isfinite()
     p, t = p[ok], t[ok]
     err = p - t
-    corr = torch.corrcoef(torch.stack([p, t]))[0, 1].item() if len(p) > 1 else float("nan")
+    corr = torch.corrcoef(torch.stack([p, t]))[0, 1].item() if len(p) > 2 else float("nan")
     return {"corr": corr, "bias": err.mean().item() if len(p) else float("nan"),
             "std": err.std().item() if len(p) > 1 else float("nan"), "n": len(p)}
 

@@ -220,7 +220,9 @@ class Tiles:
     def __init__(self, rows, title="", legend=LEGEND, captions=None, tile=160, gap=4):
         self.rows, self.title, self.legend, self.tile, self.gap = rows, title, legend, tile, gap
         self.captions = captions or [""] * len(rows)
-        self.width = max(len(r) for r in rows) * (tile + gap) + 12
+        # as wide as the tiles, or as the text (about 7 pixels a character at 12 px, 8.5 for the title)
+        text = max([8.5 * len(title)] + [7 * len(c) for c in self.captions])
+        self.width = round(max(max(len(r) for r in rows) * (tile + gap), text)) + 12
         self.height = 48 + len(rows) * (tile + 22) + 10
 
     def svg(self, left=0, top=0):

@@ -111,9 +111,10 @@ def start(args, kind):
     """the set-up both scripts open with -> (env, checkpoint dict to resume or None, what the run
     trains (for config.json), autocast, scaler, amp). Everything a run needs is checked here, before
     any process group and before anything is written: the output folders, the data, the resume file."""
-    files.check_folder(args.out, "--out")
-    if args.cache:
-        files.check_folder(args.cache, "--cache")
+    for flag, folder in (("--out", args.out), ("--cache", args.cache)):
+        if folder and (problem := files.folder_problem(folder)):
+            sys.exit(f"{flag} {folder}: {problem}")
+    os.makedirs(args.out, exist_ok=True)
     try:
         acdc.find_cases(args.data)
     except acdc.DatasetError as e:

@@ -1,5 +1,8 @@
 """inference.py: padding and cropping, slice and volume prediction, loading a fine-tuned model."""
+import argparse
+
 import numpy as np
+import pytest
 import torch
 
 import acdc
@@ -47,3 +50,54 @@ def test_load_model_reads_the_papers_lightning_checkpoint(tmp_path):
     x = torch.randn(1, 1, 32, 32)
     with torch.no_grad():
         assert torch.allclose(loaded(x), model(x), atol=1e-5)  # loaded in channels_last: same values
+
+
+class LeftEdge(torch.nn.Module):
+    """a stand-in model that is not mirror-symmetric: LV where the pixel to the left is brighter"""
+
+    def forward(self, x):  # (B, 1, H, W) -> (B, 4, H, W)
+        left = torch.nn.functional.pad(x, (1, 0))[..., :-1]
+        never = torch.full_like(x, -1e9)
+        return torch.cat([x - left, never, never, left - x], 1)
+
+
+def test_tta_averages_the_flipped_probabilities():
+    images = torch.rand(2, 20, 30) * 200
+    plain = inference.predict_probabilities(LeftEdge(), images, min_size=0)
+    tta = inference.predict_probabilities(LeftEdge(), images, min_size=0, tta=True)
+    mirrored = inference.predict_probabilities(LeftEdge(), images.flip(-1), min_size=0).flip(-1)
+    assert tta.shape == plain.shape == (2, 4, 20, 30) and torch.allclose(tta.sum(1), torch.ones(2, 20, 30))
+    assert torch.allclose(tta, (plain + mirrored) / 2) and not torch.allclose(tta, plain)
+    labels = inference.predict_slices(LeftEdge(), images, min_size=0, tta=True)
+    assert torch.equal(labels, tta.argmax(1))
+    # a mirror-symmetric model gives the same labels with and without flips; a cine keeps its 4D shape
+    cine = np.random.default_rng(0).uniform(0, 150, size=(40, 50, 3, 2)).astype(np.float32)
+    assert torch.equal(inference.predict_volume(Threshold(), cine, "cpu", tta=True),
+                       inference.predict_volume(Threshold(), cine, "cpu"))
+    assert inference.predict_volume(Threshold(), cine, "cpu").shape == (40, 50, 3, 2)
+
+
+def test_norm_flag_and_normalisation():
+    assert inference.norm_flag("paper") == "paper" and inference.norm_flag("1.5,2") == (1.5, 2.0)
+    for bad in ("auto", "1", "1,0", "1,nan", "a,b"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected checkpoint, published, paper or MEAN,STD"):
+            inference.norm_flag(bad)
+    stored = (1.0, 2.0, "stored in the checkpoint")
+    assert inference.normalisation("checkpoint", stored) == (1.0, 2.0, "the checkpoint's: stored in the checkpoint")
+    assert inference.normalisation("published", stored)[:2] == (acdc.MEAN, acdc.STD)
+    assert inference.normalisation("paper", stored)[:2] == (255 * acdc.MEAN, 255 * acdc.STD)
+    assert inference.normalisation((3.0, 4.0), stored) == (3.0, 4.0, "given with --norm")
+
+
+def test_geometry_warnings_against_the_training_spacing():
+    stored = {"kind": "segmentation", "train_spacing": {"in_plane": [0.7, 0.9], "between_slices": [3, 4]}}
+    assert inference.train_spacing(stored) == ({"in_plane": (0.7, 0.9), "between_slices": (3.0, 4.0)},
+                                               "stored in the checkpoint")
+    acdc_range, source = inference.train_spacing({"state_dict": {}})  # the paper's checkpoints: ACDC's range
+    assert acdc_range == inference.ACDC_SPACING and "ACDC" in source
+    assert inference.geometry_warnings((1.5, 1.5, 10.0), acdc_range) == []
+    assert inference.geometry_warnings((1.2, 1.9, 5.0), acdc_range) == []  # within 25 % of 1.37-1.68
+    [axis] = inference.geometry_warnings((1.5, 2.0, 1.5), acdc_range)  # slices along the second axis?
+    assert "third axis" in axis
+    [pixel] = inference.geometry_warnings((0.7, 0.7, 8.0), acdc_range)
+    assert "in-plane spacing 0.7 x 0.7 mm" in pixel and "1.37-1.68" in pixel

@@ -168,7 +168,19 @@ def test_clinical_indices_from_voxel_counts():
     assert c["LV_EDV"] == pytest.approx(22.5) and c["LV_ESV"] == pytest.approx(9.0)
     assert c["LV_EF"] == pytest.approx(60.0) and c["RV_EF"] == pytest.approx(50.0)
     assert c["MYO_mass"] == pytest.approx(18.0 * 1.05)
+    assert c["LV_SV"] == pytest.approx(13.5) and c["RV_SV"] == pytest.approx(6.75)  # EDV - ESV
     assert math.isnan(ev.clinical_indices(es * 0, es, spacing, spacing)["LV_EF"])  # no ED volume: undefined
+
+
+def test_ed_es_frames_from_the_lv_curve():
+    # ED: the largest LV volume, ES: the smallest; frames count from 1, as in ACDC's Info.cfg
+    assert ev.ed_es_frames([120.0, 118.0, 90.0, 55.0, 60.0, 100.0]) == (1, 4)
+    assert ev.ed_es_frames(torch.tensor([50.0, 80.0, 150.0, 149.0])) == (3, 1)  # ED need not come first
+    assert ev.ed_es_frames([70.0, 90.0, 90.0, 40.0, 40.0]) == (2, 4)  # ties: the first frame
+    assert ev.ed_es_frames([5.0, 5.0]) == (1, 1) and ev.ed_es_frames([3.0]) == (1, 1)  # no change: one frame
+    for bad in ([], [1.0, float("nan")]):
+        with pytest.raises(ValueError):
+            ev.ed_es_frames(bad)
 
 
 def test_agreement():
@@ -177,6 +189,8 @@ def test_agreement():
     assert a["std"] == pytest.approx(math.sqrt(1 / 3))  # sample std of the errors [0, 0, -1]
     assert a["corr"] == pytest.approx(np.corrcoef([1, 2, 3], [1, 2, 4])[0, 1])
     assert a["n"] == 3
+    two = ev.agreement([1.0, 2.0], [1.5, 2.0])  # two points always lie on a line: no correlation below three
+    assert math.isnan(two["corr"]) and two["bias"] == pytest.approx(-0.25) and two["n"] == 2
 
 
 # -----------------------------------------------------------------------------

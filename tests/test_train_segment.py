@@ -3,7 +3,6 @@ starts from a pretrained backbone and subsamples labels."""
 import json
 import os
 import signal
-import tempfile
 
 import pytest
 import torch
@@ -161,17 +160,13 @@ def test_help_shows_every_default(capsys):
 def test_output_folders_are_checked_before_anything_runs(tiny_acdc, tmp_path, flag, monkeypatch):
     a_file = tmp_path / "a_file"
     a_file.write_text("")
-    with pytest.raises(SystemExit, match=f"{flag} {a_file}: a file, not a folder"):
+    with pytest.raises(SystemExit, match=f"{flag} {a_file}: a file is there, not a folder"):
         run(tiny_acdc, tmp_path / "run", flag, str(a_file))
-    real = tempfile.TemporaryFile
-
-    def refused(dir=None, **kw):  # a folder this user may not write into (root may write anywhere)
-        if dir == str(tmp_path / "read-only"):
-            raise PermissionError(13, "Permission denied")
-        return real(dir=dir, **kw)
-    monkeypatch.setattr(tempfile, "TemporaryFile", refused)
-    with pytest.raises(SystemExit, match=f"{flag} {tmp_path}/read-only: cannot write there .Permission denied"):
-        run(tiny_acdc, tmp_path / "run", flag, str(tmp_path / "read-only"))
+    (tmp_path / "read-only").mkdir()
+    real = os.access  # a folder this user may not write into (root may write anywhere)
+    monkeypatch.setattr(os, "access", lambda p, mode: real(p, mode) and p != str(tmp_path / "read-only"))
+    with pytest.raises(SystemExit, match=f"{flag} {tmp_path}/read-only/x: no permission to write in"):
+        run(tiny_acdc, tmp_path / "run", flag, str(tmp_path / "read-only" / "x"))
 
 
 def test_the_data_read_is_named_and_a_phantom_says_so(tiny_acdc, tmp_path, capsys):

@@ -1,0 +1,372 @@
+"""Segmenting new scans with a fine-tuned U-Net: masks, volumes, clinical indices, pictures.
+
+    python predict.py --checkpoint runs/seg/best.pt -i scans/ patient001_4d.nii.gz -o predictions
+
+INPUT: any mix of NIfTI files (.nii, .nii.gz) holding a 3D short-axis stack (X, Y, Z) or a 4D cine
+(X, Y, Z, T), and folders searched for them recursively (an ACDC root or patient folder is one);
+label files (*_gt.nii*) in folders are skipped. The model segments the slices [:, :, z], as it was
+trained: the stack must run along the third axis, at a pixel size near the training data's (ACDC:
+1.37-1.68 mm). Scans are never resampled (the paper did not); one far from that gets a warning.
+
+Writes into OUT (an existing folder's results only with --overwrite):
+  <path relative to its input folder>/X_pred.nii.gz
+                  uint8 labels (0 background, 1 RV, 2 MYO, 3 LV) on the source grid, with its affine
+                  and header, so ITK-SNAP or 3D Slicer overlays them; a cine gives a 4D label file
+  volumes.csv     a row per volume, per frame of a cine: file, frame (from 1; empty for a 3D file),
+                  spacing_x, spacing_y, spacing_z (mm), slices, RV_ml, MYO_ml, LV_ml
+  indices.csv     a row per cine and per ACDC patient folder: case, ed_frame, es_frame, ed_es_source
+                  (Info.cfg beside the file, else the frames of largest and smallest predicted LV
+                  volume), LV and RV EDV, ESV, SV (mL) and EF (%), MYO_mass_g (at ED, 1.05 g/mL)
+  X_volumes.svg   per cine: LV and RV volume over the cardiac cycle, ED and ES marked
+  X_slices.png    per case: basal, mid and apical slices (each image, then the prediction over it),
+                  the top row at ED, the bottom row at ES
+  summary.json    the model, its input normalisation and where it came from, the device, every file
+                  segmented (with its warnings) or refused (with the reason); written last
+
+A file that cannot be segmented (not NIfTI, damaged, 2 or 5 dimensions, NaN) is refused with one line
+that names it; the others are still segmented, and the exit status is then 1.
+"""
+import argparse
+import os
+import sys
+import time
+
+import nibabel as nib
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import acdc
+import checkpoints
+import files
+import inference
+import pictures
+import training
+from metrics import ed_es_frames, indices_of_volumes, volumes_ml
+
+VOLUME_FIELDS = ["file", "frame", "spacing_x", "spacing_y", "spacing_z", "slices", "RV_ml", "MYO_ml", "LV_ml"]
+INDEX_FIELDS = ["case", "ed_frame", "es_frame", "ed_es_source", "LV_EDV", "LV_ESV", "LV_SV", "LV_EF",
+                "RV_EDV", "RV_ESV", "RV_SV", "RV_EF", "MYO_mass_g"]
+COLOUR = dict(pictures.LEGEND)  # RV red, LV blue: the overlays' colours
+
+
+# -----------------------------------------------------------------------------
+# finding and reading the scans
+
+def stem_of(path):
+    """'a/b_4d.nii.gz' -> 'a/b_4d'"""
+    return path[:-len(".nii.gz")] if path.lower().endswith(".nii.gz") else path[:-len(".nii")]
+
+
+def is_nifti(path):
+    return path.lower().endswith((".nii", ".nii.gz"))
+
+
+def is_label(path):
+    return stem_of(os.path.basename(path)).lower().endswith("_gt")
+
+
+def find_scans(inputs, out):
+    """-> ([(path, path relative to its input folder)], [(path, why refused)], label files skipped):
+    files given, and those found under folders given (hidden folders and OUT itself left out)"""
+    found, refused, skipped = [], [], 0
+    for given in inputs:
+        if os.path.isdir(given):
+            for folder, subfolders, names in os.walk(given):
+                subfolders[:] = sorted(d for d in subfolders if not d.startswith(".")
+                                       and os.path.realpath(os.path.join(folder, d)) != os.path.realpath(out))
+                for name in sorted(n for n in names if is_nifti(n) and not n.startswith(".")):
+                    path = os.path.join(folder, name)
+                    if is_label(name):
+                        skipped += 1
+                    else:
+                        found.append((path, os.path.relpath(path, given)))
+        elif not os.path.exists(given):
+            refused.append((given, "not found"))
+        elif not is_nifti(given):
+            refused.append((given, "not a NIfTI file (expected .nii or .nii.gz)"))
+        elif is_label(given):
+            refused.append((given, "a label file (*_gt): give the image it labels"))
+        else:
+            found.append((given, os.path.basename(given)))
+    # a file given twice (itself and inside a folder) is segmented once; two files never share an output
+    kept, seen, outputs = [], set(), {}
+    for path, rel in found:
+        if os.path.realpath(path) in seen:
+            continue
+        if stem_of(rel) in outputs:
+            refused.append((path, f"its output {stem_of(rel)}_pred.nii.gz would replace that of "
+                                  f"{outputs[stem_of(rel)]}: segment it into another --out"))
+            continue
+        seen.add(os.path.realpath(path))
+        outputs[stem_of(rel)] = path
+        kept.append((path, rel))
+    return kept, refused, skipped
+
+
+def read_scan(path):
+    """-> acdc.Volume of a 3D volume or a 4D cine; acdc.DatasetError naming the file and the reason"""
+    try:
+        shape = nib.load(path).shape
+    except Exception as e:  # nibabel's ImageFileError, gzip's and others: not a NIfTI file we can read
+        raise acdc.DatasetError(f"{path}: cannot be read as NIfTI ({type(e).__name__}: "
+                                f"{' '.join(str(e).split())})") from e
+    if len(shape) not in (3, 4):
+        raise acdc.DatasetError(f"{path}: {len(shape)}D, shape {shape}; expected a 3D volume (X, Y, Z) "
+                                f"or a 4D cine (X, Y, Z, T)")
+    return acdc.read_volume(path, ndim=len(shape))
+
+
+class Scans(torch.utils.data.Dataset):
+    """-> the Volume of each path, or the reason it cannot be read (a message: an exception raised in
+    a loader worker would reach the user wrapped in the worker's traceback)"""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return read_scan(self.paths[i])
+        except acdc.DatasetError as e:
+            return str(e)
+
+
+def as_is(item):  # the loader's collate_fn: a volume stays a numpy array with its nibabel header
+    return item
+
+
+def info_frames(path):
+    """(ED, ES) of the Info.cfg beside `path` (an ACDC patient folder), or None"""
+    cfg = os.path.join(os.path.dirname(path), "Info.cfg")
+    info = acdc.read_info(cfg) if os.path.isfile(cfg) else {}
+    return (info["ED"], info["ES"]) if all(isinstance(info.get(k), int) for k in ("ED", "ES")) else None
+
+
+def frame_pairs(scans):
+    """{path: "ED" or "ES"} of the ED and ES frame files of ACDC patient folders that hold no cine
+    (Info.cfg, patientNNN_frameFF.nii.gz): such a folder is a case of its own"""
+    by_folder = {}
+    for path, _ in scans:
+        by_folder.setdefault(os.path.dirname(path), []).append(path)
+    pairs = {}
+    for folder, paths in by_folder.items():
+        frames = info_frames(os.path.join(folder, "Info.cfg"))
+        if frames is None or any(stem_of(p).endswith("_4d") for p in paths):
+            continue
+        named = {phase: [p for p in paths if stem_of(p).endswith(f"_frame{f:02d}")]
+                 for phase, f in zip(("ED", "ES"), frames)}
+        if all(len(v) == 1 for v in named.values()):
+            pairs.update({named[phase][0]: phase for phase in named})
+    return pairs
+
+
+def phantom_input(path):
+    """whether `path` lies inside a phantom that phantom.py wrote (its marker in a folder above)"""
+    folder = os.path.abspath(path)
+    while True:
+        if os.path.isfile(os.path.join(folder, acdc.PHANTOM_MARKER)):
+            return True
+        if os.path.dirname(folder) == folder:
+            return False
+        folder = os.path.dirname(folder)
+
+
+# -----------------------------------------------------------------------------
+# a case: ED and ES, clinical indices, pictures
+
+def choose_ed_es(lv, path, warn):
+    """LV volume per frame of a cine -> (ED, ES, where they came from), frames from 1"""
+    given = info_frames(path)
+    if given and all(1 <= f <= len(lv) for f in given):
+        return (*given, "Info.cfg")
+    if given:
+        warn(f"Info.cfg names ED {given[0]}, ES {given[1]} but the cine has {len(lv)} frames: "
+             f"choosing them from the predicted LV volume")
+    return (*ed_es_frames(lv), "predicted LV volume (largest, smallest)")
+
+
+def measure(labels, spacing, rel):
+    """(X, Y, Z[, T]) labels -> (volumes_ml of each frame, their rows of volumes.csv)"""
+    cine = labels.dim() == 4
+    volumes = [volumes_ml(v, spacing) for v in (labels.unbind(3) if cine else [labels])]
+    rows = [{"file": rel, "frame": t + 1 if cine else "", **dict(zip(VOLUME_FIELDS[2:5], spacing)),
+             "slices": labels.shape[2], **{f"{s}_ml": v[s] for s in ("RV", "MYO", "LV")}}
+            for t, v in enumerate(volumes)]
+    return volumes, rows
+
+
+def case_name(path, rel):
+    """an ACDC patient folder's path relative to the input (its own name when it is the input), else
+    the cine's"""
+    if info_frames(path) is None:
+        return stem_of(rel)
+    return os.path.dirname(rel) or os.path.basename(os.path.dirname(os.path.abspath(path)))
+
+
+def case_row(case, ed, es, source, ed_volumes, es_volumes):
+    indices = indices_of_volumes(ed_volumes, es_volumes)
+    indices["MYO_mass_g"] = indices.pop("MYO_mass")
+    return {"case": case, "ed_frame": ed, "es_frame": es, "ed_es_source": source, **indices}
+
+
+def slices_png(path, ed, es, tile=192):
+    """ed, es: (image, labels) (X, Y, Z) each -> a PNG: basal, mid and apical slices (chosen where the
+    ED prediction holds a structure), each image beside the prediction over it; ED on top, ES below"""
+    rows = []
+    for image, labels in (ed, es):
+        gray = pictures.grey(image)  # one window for the whole volume
+        rows.append([pictures.square(t, tile) for z in pictures.pick_slices(ed[1]) for t in
+                     (gray[:, :, z].expand(3, -1, -1), pictures.overlay(gray[:, :, z], labels[:, :, z]))])
+    pictures.write_png(path, pictures.montage(rows))
+
+
+def volumes_svg(path, case, volumes, ed, es, phantom):
+    frames = list(range(1, len(volumes) + 1))
+    title = f"{case}: volumes over the cardiac cycle{' (synthetic phantom)' if phantom else ''}"
+    width = max(400, 12 * len(frames), 8 * len(title) - 90)  # room for the title
+    chart = pictures.Chart(title, "frame", "volume (mL)", plot_width=width)
+    for s in ("LV", "RV"):
+        chart.line(frames, [v[s] for v in volumes], s, colour=COLOUR[s])
+    chart.mark(ed, f"ED {ed}").mark(es, f"ES {es}", colour="#b00000")
+    pictures.write_svg(path, [chart])
+
+
+# -----------------------------------------------------------------------------
+# the script
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=training.HelpFormatter)
+    p.add_argument("--checkpoint", required=True, default=argparse.SUPPRESS,
+                   help="a segmentation checkpoint: RUN/best.pt of train_segment.py, or a fine-tuned one of "
+                        "the paper")
+    p.add_argument("-i", "--input", nargs="+", required=True, default=argparse.SUPPRESS, metavar="INPUT",
+                   help="NIfTI files (.nii, .nii.gz; 3D or 4D) and folders searched for them (e.g. an ACDC "
+                        "root)")
+    p.add_argument("-o", "--out", required=True, default=argparse.SUPPRESS, help="output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an --out folder that already holds files (replacing same-named results)")
+    training.add_device_args(p)
+    inference.add_args(p)
+    p.add_argument("--workers", type=training.number(int, 0), default=2,
+                   help="processes reading the next scans while the model runs")
+    return p.parse_args(argv)
+
+
+def main(args):
+    t0 = time.time()
+    # ---- output folder, checked before any work (its results are never overwritten silently)
+    out = args.out
+    if problem := files.folder_problem(out):
+        sys.exit(f"error: -o/--out {out}: {problem}")
+    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+        held = "a finished prediction, summary.json" if os.path.exists(os.path.join(out, "summary.json")) \
+            else f"{len(os.listdir(out))} entries"
+        sys.exit(f"error: -o/--out {out} is not empty ({held}): pass --overwrite to write over its results, "
+                 f"or choose another --out")
+
+    # ---- inputs
+    scans, refused, skipped = find_scans(args.input, out)
+    phantom = {given: phantom_input(given) for given in args.input if os.path.exists(given)}
+    for given, synthetic in phantom.items():
+        print(f"input: {os.path.abspath(given)}{' (synthetic phantom, not ACDC)' if synthetic else ''}")
+    for path, reason in refused:
+        print(f"refused: {path}: {reason}", file=sys.stderr)
+    if not scans:
+        sys.exit(f"error: -i/--input: no NIfTI scan (.nii, .nii.gz) found in {' '.join(args.input)}")
+    pairs = frame_pairs(scans)
+
+    # ---- model
+    device = training.setup(args.device).device
+    ckpt = checkpoints.read_checkpoint(args.checkpoint, args.trust_checkpoint, flag="--checkpoint")
+    model, from_checkpoint = inference.load_model(ckpt, device, flag="--checkpoint", name=args.checkpoint)
+    trained, spacing_source = inference.train_spacing(ckpt)
+    norm = inference.normalisation(args.norm, from_checkpoint)
+    net = torch.compile(model) if args.compile else model
+    autocast, _, amp = training.autocast(device, args.amp)
+    print(f"segmenting {len(scans)} files ({skipped} label files skipped) on {device}, amp {amp}, "
+          f"tta {'on' if args.tta else 'off'}; input normalised as (x - {norm[0]:.6g}) / {norm[1]:.6g}, "
+          f"{norm[2]}; trained on in-plane spacing {trained['in_plane'][0]:g}-{trained['in_plane'][1]:g} mm, "
+          f"{spacing_source}; writing to {out}")
+    os.makedirs(out, exist_ok=True)
+    output = lambda stem, suffix: os.path.join(out, stem + suffix)  # noqa: E731
+    if os.path.exists(os.path.join(out, "summary.json")):  # --overwrite: the old summary goes first, so an
+        os.remove(os.path.join(out, "summary.json"))        # interrupted run never passes for a finished one
+
+    # ---- loop over files: predict, write the mask, measure; a cine (or an ED/ES pair) is a case
+    loader = torch.utils.data.DataLoader(Scans([p for p, _ in scans]), batch_size=None,
+                                         collate_fn=as_is, num_workers=args.workers)
+    volume_rows, case_rows, done, pending = [], [], [], {}
+    bar = tqdm(zip(scans, loader), total=len(scans), desc="scans", unit="file", disable=None)
+    for (path, rel), scan in bar:
+        if isinstance(scan, str):
+            refused.append((path, scan.removeprefix(f"{path}: ")))
+            tqdm.write(f"refused: {scan}", file=sys.stderr)
+            continue
+        warnings = []
+
+        def warn(message):
+            warnings.append(message)
+            tqdm.write(f"warning: {path}: {message}", file=sys.stderr)
+        spacing = scan.spacing[:3]
+        for message in inference.geometry_warnings(spacing, trained):
+            warn(message)
+        labels = inference.predict_volume(net, scan.data, device, norm, autocast, args.batch_size,
+                                          args.min_size, args.tta)  # (X, Y, Z[, T]) uint8
+        stem = stem_of(rel)
+        os.makedirs(os.path.dirname(output(stem, "")), exist_ok=True)
+        files.write_nifti(output(stem, "_pred.nii.gz"), labels.cpu().numpy(), scan)
+        volumes, rows = measure(labels, spacing, rel)
+        volume_rows += rows
+        done.append({"file": path, "output": stem + "_pred.nii.gz", "shape": list(labels.shape),
+                     "spacing_mm": list(spacing), "warnings": warnings})
+
+        folder, case = os.path.dirname(path), case_name(path, rel)
+        if labels.dim() == 4:  # a cine
+            ed, es, source = choose_ed_es([v["LV"] for v in volumes], path, warn)
+            case_rows.append(case_row(case, ed, es, source, volumes[ed - 1], volumes[es - 1]))
+            volumes_svg(output(stem, "_volumes.svg"), case, volumes, ed, es, phantom_input(path))
+            image = torch.from_numpy(np.asarray(scan.data))
+            slices_png(output(stem, "_slices.png"), (image[..., ed - 1], labels[..., ed - 1].cpu()),
+                       (image[..., es - 1], labels[..., es - 1].cpu()))
+        elif path in pairs:  # an ACDC folder without a cine: its ED and ES files make the case
+            pending.setdefault(folder, {})[pairs[path]] = (torch.from_numpy(scan.data), labels.cpu(), volumes[0])
+            if len(pending[folder]) == 2:
+                pair = pending.pop(folder)
+                (ed_image, ed_labels, ed_volumes), (es_image, es_labels, es_volumes) = pair["ED"], pair["ES"]
+                case_rows.append(case_row(case, *info_frames(path), "Info.cfg", ed_volumes, es_volumes))
+                png = output(os.path.join(os.path.dirname(stem), os.path.basename(folder)), "_slices.png")
+                slices_png(png, (ed_image, ed_labels), (es_image, es_labels))
+
+    # ---- tables, then summary.json last: its presence marks a finished prediction
+    files.write_csv(os.path.join(out, "volumes.csv"), volume_rows, VOLUME_FIELDS)
+    files.write_csv(os.path.join(out, "indices.csv"), case_rows, INDEX_FIELDS)
+    summary = {"checkpoint": os.path.abspath(args.checkpoint),
+               "model": {"arch": model.arch, "classes": ["background", "RV", "MYO", "LV"]},
+               "normalisation": {"mean": norm[0], "std": norm[1], "source": norm[2]},
+               "train_spacing_mm": {**trained, "source": spacing_source},
+               "device": str(device), "device_name": training.device_name(device), "amp": amp,
+               "tta": args.tta, "min_size": args.min_size, "batch_size": args.batch_size,
+               "inputs": [{"path": os.path.abspath(g), "synthetic_phantom": phantom.get(g, False)}
+                          for g in args.input],
+               "synthetic_phantom": any(phantom.values()),
+               "segmented": done, "refused": [{"file": p, "reason": r} for p, r in refused],
+               "label_files_skipped": skipped, "cases": case_rows, "seconds": round(time.time() - t0, 1)}
+    files.write_json(os.path.join(out, "summary.json"), summary)
+    for r in case_rows:
+        print(f"{r['case']}: ED frame {r['ed_frame']}, ES frame {r['es_frame']} ({r['ed_es_source']}); "
+              f"LV EDV {r['LV_EDV']:.1f} mL, ESV {r['LV_ESV']:.1f} mL, EF {r['LV_EF']:.1f} %; "
+              f"RV EDV {r['RV_EDV']:.1f} mL, EF {r['RV_EF']:.1f} %; myocardium {r['MYO_mass_g']:.1f} g")
+    note = " (synthetic phantom, not ACDC)" if summary["synthetic_phantom"] else ""
+    print(f"segmented {len(done)} files{note}, {len(case_rows)} cases: masks, volumes.csv, indices.csv and "
+          f"summary.json in {out}")
+    if refused:
+        sys.exit(f"error: {len(refused)} file(s) refused, the first: {refused[0][0]}: {refused[0][1]} "
+                 f"(all in summary.json)")
+    return summary
+
+
+if __name__ == "__main__":
+    training.run_main(main, parse_args())

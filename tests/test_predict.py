@@ -1,0 +1,136 @@
+"""predict.py: new scans segmented as evaluate.py segments them; cines, ED/ES, the tables, bad files, flags."""
+import csv
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import acdc
+import evaluate
+import metrics
+import phantom
+import predict
+import unet
+
+VOLUMES_HEADER = "file,frame,spacing_x,spacing_y,spacing_z,slices,RV_ml,MYO_ml,LV_ml"
+INDICES_HEADER = ("case,ed_frame,es_frame,ed_es_source,LV_EDV,LV_ESV,LV_SV,LV_EF,RV_EDV,RV_ESV,RV_SV,RV_EF,"
+                  "MYO_mass_g")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """a one-patient phantom (patient 1: the test split) and an untrained U-Net saved as best.pt"""
+    root = tmp_path_factory.mktemp("predict")
+    phantom.write_phantom(str(root / "data"), patients=1, seed=0, size_range=(28, 40), frames_range=(3, 4),
+                          slices_range=(3, 4))
+    torch.manual_seed(0)
+    torch.save({"kind": "segmentation", "model": unet.UNet(arch="resnet18").state_dict(), "arch": "resnet18",
+                "in_chans": 1, "num_classes": 4, "mean": acdc.MEAN, "std": acdc.STD,
+                "train_spacing": {"in_plane": [1.2, 1.9], "between_slices": [5.0, 10.0]}}, root / "best.pt")
+    return root, acdc.find_cases(str(root / "data"))[0]
+
+
+def run(root, *argv):
+    return predict.main(predict.parse_args(["--checkpoint", str(root / "best.pt"), "--device", "cpu",
+                                            "--workers", "0", "--min-size", "0", *argv]))
+
+
+def read_csv(path):
+    with open(path) as f:
+        return f.readline().strip(), list(csv.DictReader(f, VOLUMES_HEADER.split(",") if "volumes" in str(path)
+                                                        else INDICES_HEADER.split(",")))
+
+
+def test_plain_folder_matches_evaluate_and_bad_files_are_refused(setup, capsys):
+    root, case = setup
+    evaluate.main(evaluate.parse_args(["--checkpoint", str(root / "best.pt"), "--data", str(root / "data"),
+                                       "--out", str(root / "eval"), "--device", "cpu", "--workers", "0",
+                                       "--min-size", "0"]))
+    scans = root / "scans"  # the images without their _gt files, a cine in a subfolder, and bad files
+    (scans / "cine").mkdir(parents=True)
+    for f in case.frames:
+        shutil.copy(f.image, scans)
+    shutil.copy(case.cine, scans / "cine")
+    (scans / "broken.nii.gz").write_bytes(b"not a NIfTI file")
+    nib.save(nib.Nifti1Image(np.zeros((8, 8), np.float32), np.eye(4)), scans / "flat.nii")
+    nib.save(nib.Nifti1Image(np.full((8, 8, 2), np.nan, np.float32), np.eye(4)), scans / "nan.nii.gz")
+    (scans / "notes.txt").write_text("not an image: ignored")
+
+    with pytest.raises(SystemExit) as e:  # the good files are written, the exit status says some were refused
+        run(root, "-i", str(scans), "-o", str(root / "out"))
+    assert str(e.value.code).startswith("error: 3 file(s) refused")
+    err = capsys.readouterr().err
+    summary = json.loads((root / "out" / "summary.json").read_text())
+    refused = {r["file"]: r["reason"] for r in summary["refused"]}
+    assert set(refused) == {str(scans / n) for n in ("broken.nii.gz", "flat.nii", "nan.nii.gz")}
+    assert "cannot be read as NIfTI" in refused[str(scans / "broken.nii.gz")]
+    assert "2D" in refused[str(scans / "flat.nii")] and "NaN" in refused[str(scans / "nan.nii.gz")]
+    assert all(f"refused: {path}: " in err for path in refused)  # one line each, naming the file
+    assert summary["normalisation"]["source"] == "the checkpoint's: stored in the checkpoint"
+    assert len(summary["segmented"]) == 3 and not summary["synthetic_phantom"]  # the copies are plain files
+
+    # the same label maps as evaluate.py's
+    for f in case.frames:
+        name = f"patient001_frame{f.frame:02d}_pred.nii.gz"
+        ours, theirs = nib.load(root / "out" / name), nib.load(root / "eval" / name)
+        assert np.array_equal(np.asanyarray(ours.dataobj), np.asanyarray(theirs.dataobj))
+        assert np.allclose(ours.affine, nib.load(f.image).affine) and ours.get_data_dtype() == np.uint8
+    # a cine gives a 4D label file; its ED frame is the ED volume's mask
+    source, labels = nib.load(case.cine), nib.load(root / "out" / "cine" / "patient001_4d_pred.nii.gz")
+    assert labels.shape == source.shape and len(labels.shape) == 4 and np.allclose(labels.affine, source.affine)
+    ed_mask = np.asanyarray(nib.load(root / "out" / f"patient001_frame{case.ed:02d}_pred.nii.gz").dataobj)
+    assert np.array_equal(np.asanyarray(labels.dataobj)[..., case.ed - 1], ed_mask)
+
+    header, rows = read_csv(root / "out" / "volumes.csv")
+    frames = source.shape[3]
+    assert header == VOLUMES_HEADER and len(rows) == frames + 2  # a row per cine frame and per 3D volume
+    cine_rows = [r for r in rows if r["file"] == "cine/patient001_4d.nii.gz"]
+    assert [int(r["frame"]) for r in cine_rows] == list(range(1, frames + 1))
+    assert float(cine_rows[0]["spacing_z"]) == pytest.approx(float(source.header.get_zooms()[2]))
+    header, indices = read_csv(root / "out" / "indices.csv")
+    assert header == INDICES_HEADER and len(indices) == 1  # no Info.cfg beside the cine: ED/ES from its LV curve
+    lv = [float(r["LV_ml"]) for r in cine_rows]
+    row = indices[0]
+    assert row["ed_es_source"].startswith("predicted LV volume")
+    assert (int(row["ed_frame"]), int(row["es_frame"])) == metrics.ed_es_frames(lv)
+    assert float(row["LV_SV"]) == pytest.approx(float(row["LV_EDV"]) - float(row["LV_ESV"]), abs=1e-3)
+    assert "ED " in (root / "out" / "cine" / "patient001_4d_volumes.svg").read_text()
+    assert (root / "out" / "cine" / "patient001_4d_slices.png").read_bytes()[:4] == b"\x89PNG"
+
+    with pytest.raises(SystemExit, match="--overwrite"):  # results are never overwritten silently
+        run(root, "-i", str(scans / "cine"), "-o", str(root / "out"))
+
+
+def test_acdc_patient_folder_with_tta(setup, capsys):
+    root, case = setup
+    summary = run(root, "-i", case.path, "-o", str(root / "acdc"), "--tta", "--norm", "10,20")
+    assert "(synthetic phantom, not ACDC)" in capsys.readouterr().out
+    assert summary["synthetic_phantom"] and summary["tta"] and summary["label_files_skipped"] == 2
+    assert summary["normalisation"] == {"mean": 10.0, "std": 20.0, "source": "given with --norm"}
+    for name in ("patient001_4d", f"patient001_frame{case.es:02d}"):  # flips change nothing in shape
+        assert nib.load(root / "acdc" / f"{name}_pred.nii.gz").shape == nib.load(f"{case.path}/{name}.nii.gz").shape
+    _, indices = read_csv(root / "acdc" / "indices.csv")
+    assert [(r["case"], int(r["ed_frame"]), int(r["es_frame"]), r["ed_es_source"]) for r in indices] == \
+        [("patient001", case.ed, case.es, "Info.cfg")]
+
+    # without its cine, an ACDC patient folder is a case of its ED and ES frame files
+    shutil.copytree(case.path, root / "no-cine" / "patient001", ignore=shutil.ignore_patterns("*_4d.nii*"))
+    run(root, "-i", str(root / "no-cine"), "-o", str(root / "frames"), "--tta", "--norm", "10,20")
+    _, frames = read_csv(root / "frames" / "indices.csv")
+    assert frames == indices  # the same frames, the same volumes as the cine's
+    assert (root / "frames" / "patient001" / "patient001_slices.png").exists()
+
+
+def test_flags_and_output_folder_are_checked_first(setup, tmp_path, capsys):
+    root, case = setup
+    with pytest.raises(SystemExit) as e:
+        predict.parse_args(["--checkpoint", "c.pt", "-i", "x", "-o", "y", "--batch-size", "0"])
+    assert e.value.code == 2 and "--batch-size: 0: expected an integer >= 1" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="error: -o/--out .*file: a file is there, not a folder"):
+        run(root, "-i", case.cine, "-o", str(tmp_path / "file"))
+    with pytest.raises(SystemExit, match="error: -i/--input: no NIfTI scan"):
+        run(root, "-i", str(tmp_path / "empty"), "-o", str(tmp_path / "out"))
