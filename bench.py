@@ -128,6 +128,23 @@ def build(args, env, dataset_kind):
     return inputs, step, amp
 
 
+def seconds_per_step(mode, arch, size, batch_size, amp, device, compile=False, steps=3, warmup=2):
+    """the ceiling on a synthetic batch, without data: for estimates (study.py plan --estimate)"""
+    env = training.setup(device)
+    args = SimpleNamespace(arch=arch, size=size, amp=amp, compile=compile)
+    inputs, step, _ = build(args, env, mode)
+    batch = {"image": 200 * torch.rand(batch_size, 1, size, size, device=env.device),
+             "size": torch.full((batch_size, 2), size, device=env.device),
+             "label": torch.randint(0, 4, (batch_size, size, size), device=env.device)}
+    fixed = inputs(batch, torch.Generator(device=env.device).manual_seed(0))
+    for _ in range(warmup):
+        step(fixed)
+    with Timer(env.device) as timer:
+        for _ in range(steps):
+            step(fixed)
+    return timer.total / steps, training.device_name(env.device)
+
+
 def bench_training(args, env, data):
     dataset = (slices.UnlabelledSlices if args.mode == "pretrain" else slices.LabelledSlices)(data, split="train")
     training.steps_per_epoch(dataset, args.batch_size, 1)  # exits with a message if one batch does not fit

@@ -81,20 +81,23 @@ def table(m):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=training.HelpFormatter)
-    p.add_argument("--checkpoint", required=True, default=argparse.SUPPRESS,
+    p.add_argument("--checkpoint", required=True,
                    help="RUN/best.pt of train_segment.py, or a fine-tuned checkpoint of the paper")
     p.add_argument("--data", default="data/acdc-synth",
                    help="ACDC root (training/, testing/ or a folder holding them); the default is the phantom")
     p.add_argument("--split", default="test", choices=["train", "val", "test", "testing"],
                    help="the paper's patient split (test: 1, 11, ..., 91), or ACDC's testing set (101-150)")
     p.add_argument("--out", default=None,
-                   help="output folder (default %(default)s: eval-<checkpoint file name>-<split> beside the "
+                   help="output folder (by default eval-<checkpoint file name>-<split> beside the "
                         "checkpoint)")
     p.add_argument("--overwrite", action="store_true", help="replace the results of a finished evaluation in --out")
     training.add_device_args(p)
     inference.add_args(p)
     p.add_argument("--workers", type=training.number(int, 0), default=2,
                    help="processes reading the next volumes while the model runs")
+    p.add_argument("--outputs", default="all", choices=["all", "metrics"],
+                   help="all: masks and pictures too; metrics: metrics.json and metrics.csv only (the study "
+                        "runner's choice, for hundreds of runs)")
     return p.parse_args(argv)
 
 
@@ -189,23 +192,25 @@ def main(args):
             pred = inference.predict_volume(net, image.data, device, norm, autocast, args.batch_size,
                                             args.min_size, args.tta)  # (X, Y, Z) uint8
             truth = torch.from_numpy(label.data).to(device)
-            name = f"patient{case.patient:03d}_frame{frame.frame:02d}"
-            pred_cpu = pred.cpu()  # one copy back, for the NIfTI file and the picture
-            files.write_nifti(os.path.join(out, f"{name}_pred.nii.gz"), pred_cpu.numpy(), image)
             row = {"patient": case.patient, "frame": frame.frame, "phase": frame.phase,
                    "slices": pred.shape[2], **score_volume(pred, truth, spacing)}
             rows.append(row)
             ious.append(slice_iou(pred.permute(2, 0, 1), truth.permute(2, 0, 1)).cpu())  # (Z, C)
             phases[frame.phase] = (pred, truth, spacing)
-            dice = ", ".join(f"{s} {row[f'dice_{s}']:.3f}" for s in STRUCTURES.values())
-            tiles += [(f"{frame.phase} (frame {frame.frame}), slice {z + 1} of {pred.shape[2]}: Dice {dice}",
-                       torch.from_numpy(image.data), torch.from_numpy(label.data), pred_cpu, z)
-                      for z in pictures.pick_slices(truth)]
+            if args.outputs == "all":
+                pred_cpu = pred.cpu()  # one copy back, for the NIfTI file and the picture
+                name = f"patient{case.patient:03d}_frame{frame.frame:02d}"
+                files.write_nifti(os.path.join(out, f"{name}_pred.nii.gz"), pred_cpu.numpy(), image)
+                dice = ", ".join(f"{s} {row[f'dice_{s}']:.3f}" for s in STRUCTURES.values())
+                tiles += [(f"{frame.phase} (frame {frame.frame}), slice {z + 1} of {pred.shape[2]}: Dice {dice}",
+                           torch.from_numpy(image.data), torch.from_numpy(label.data), pred_cpu, z)
+                          for z in pictures.pick_slices(truth)]
         (ed_pred, ed_truth, ed_sp), (es_pred, es_truth, es_sp) = phases["ED"], phases["ES"]
         clinical.append((clinical_indices(ed_pred, es_pred, ed_sp, es_sp),
                          clinical_indices(ed_truth, es_truth, ed_sp, es_sp)))
-        case_svg(os.path.join(out, f"patient{case.patient:03d}.svg"),
-                 f"patient{case.patient:03d}{phantom}: image | truth | prediction", tiles)
+        if args.outputs == "all":
+            case_svg(os.path.join(out, f"patient{case.patient:03d}.svg"),
+                     f"patient{case.patient:03d}{phantom}: image | truth | prediction", tiles)
 
     # ---- summary; metrics.json last: its presence marks a finished evaluation
     metrics = {"checkpoint": os.path.abspath(args.checkpoint),

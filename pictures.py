@@ -97,12 +97,13 @@ def esc(text):
     return html.escape(str(text), quote=True)
 
 
-def nice_ticks(lo, hi, count=5):
-    """about `count` round values (1, 2 or 5 x 10^k apart) covering [lo, hi]"""
+def nice_ticks(lo, hi, count=5, integer=False):
+    """about `count` round values (1, 2 or 5 x 10^k apart; whole numbers if integer) covering [lo, hi]"""
     if hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
     raw = (hi - lo) / count
     step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(s - raw))
+    step = max(step, 1) if integer else step
     first = math.floor(lo / step) * step
     return [round(first + i * step, 10) for i in range(int(math.ceil((hi - first) / step)) + 1)]
 
@@ -121,8 +122,9 @@ def label(v):
 class Chart:
     """one panel: line series (optionally a band, e.g. +- std), vertical markers, axes, legend"""
 
-    def __init__(self, title, xlabel, ylabel, xlog=False, plot_width=400, height=340):
+    def __init__(self, title, xlabel, ylabel, xlog=False, plot_width=400, height=340, integer_x=False):
         self.title, self.xlabel, self.ylabel, self.xlog = title, xlabel, ylabel, xlog
+        self.integer_x = integer_x  # ticks on whole numbers only (epochs)
         self.plot_width, self.height = plot_width, height
         self.series, self.marks = [], []
 
@@ -163,7 +165,7 @@ class Chart:
             x0, x1 = math.log10(min(xs + xt)), math.log10(max(xs + xt))
             fx = lambda v: math.log10(v)  # noqa: E731
         else:
-            xt = nice_ticks(min(xs), max(xs))
+            xt = nice_ticks(min(xs), max(xs), integer=self.integer_x)
             x0, x1, fx = xt[0], xt[-1], float
         yt = nice_ticks(min(ys), max(ys))
         y0, y1 = yt[0], yt[-1]

@@ -239,13 +239,13 @@ def volumes_svg(path, case, volumes, ed, es, phantom):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=training.HelpFormatter)
-    p.add_argument("--checkpoint", required=True, default=argparse.SUPPRESS,
+    p.add_argument("--checkpoint", required=True,
                    help="a segmentation checkpoint: RUN/best.pt of train_segment.py, or a fine-tuned one of "
                         "the paper")
-    p.add_argument("-i", "--input", nargs="+", required=True, default=argparse.SUPPRESS, metavar="INPUT",
+    p.add_argument("-i", "--input", nargs="+", required=True, metavar="INPUT",
                    help="NIfTI files (.nii, .nii.gz; 3D or 4D) and folders searched for them (e.g. an ACDC "
                         "root)")
-    p.add_argument("-o", "--out", required=True, default=argparse.SUPPRESS, help="output folder")
+    p.add_argument("-o", "--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true",
                    help="write into an --out folder that already holds files (replacing same-named results)")
     training.add_device_args(p)

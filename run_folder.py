@@ -55,11 +55,14 @@ def _owner_record(started):
     return {"host": socket.gethostname(), "pid": os.getpid(), "started": started, "heartbeat": time.time()}
 
 
-def _read_owner(path):
-    for _ in range(20):  # the owner may be between writing and renaming: read again shortly
+def read_owner(path):
+    """the lock file's record, or None when there is none"""
+    for _ in range(20):  # a new lock's owner may not have written its record yet: read again shortly
         try:
             with open(path) as f:
                 return json.load(f)
+        except FileNotFoundError:
+            return None
         except (OSError, ValueError):
             time.sleep(0.05)
     return None
@@ -86,29 +89,34 @@ def stale_reason(owner):
 
 
 def lock(folder):
-    """make this process the owner of `folder`. Taking a lock this process holds counts once more
-    (the study runner holds it around a run's training and evaluation; training takes it too), and
-    each unlock() gives one back. Exits with a message naming the owner when another live process
-    holds it."""
+    """make this process the owner of `folder`, or exit with a message naming the owner"""
+    if busy := try_lock(folder):
+        sys.exit(busy)
+
+
+def try_lock(folder):
+    """make this process the owner of `folder` -> None, or the message naming the live process that
+    holds it. Taking a lock this process holds counts once more (the study runner holds it around a
+    run's training and evaluation; training takes it too), and each unlock() gives one back."""
     folder = os.path.abspath(folder)
     if folder in _held:
         _held[folder][0] += 1
-        return
+        return None
     path = os.path.join(folder, LOCK)
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     while True:
         try:  # O_EXCL: of two processes creating the file at once, exactly one succeeds
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            owner = _read_owner(path)
+            owner = read_owner(path)
             if owner and owner.get("host") == socket.gethostname() and owner.get("pid") == os.getpid():
                 break  # left by this very process (an earlier call that ended in an exception)
             reason = stale_reason(owner)
             if reason is None:
                 age = time.time() - float(owner["heartbeat"])
-                sys.exit(f"--out {folder} is in use by another run: host {owner['host']}, process {owner['pid']}, "
-                         f"started {owner['started']}, last heartbeat {age:.0f} s ago ({path}); wait for it to "
-                         f"finish or choose another --out")
+                return (f"--out {folder} is in use by another run: host {owner['host']}, process {owner['pid']}, "
+                        f"started {owner['started']}, last heartbeat {age:.0f} s ago ({path}); wait for it to "
+                        f"finish or choose another --out")
             print(f"notice: taking over the stale lock of {folder} ({reason}; it was held by "
                   f"{(owner or {}).get('host')} process {(owner or {}).get('pid')})")
             try:
@@ -127,6 +135,7 @@ def lock(folder):
     thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat {folder}")
     thread.start()
     _held[folder] = [1, stop, thread]
+    return None
 
 
 def unlock(folder, completely=False):
@@ -142,7 +151,7 @@ def unlock(folder, completely=False):
     stop.set()
     thread.join()
     path = os.path.join(folder, LOCK)
-    owner = _read_owner(path)
+    owner = read_owner(path)
     if owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
         os.remove(path)
 

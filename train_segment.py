@@ -60,6 +60,9 @@ def parse_args(argv=None):
                    help="validate every N epochs (and at the end); 10: the paper's candidate checkpoints, "
                         "epochs 10, 20, ..., 150")
     p.add_argument("--val-batch-size", type=number(int, 1), default=32, help="slices per validation batch")
+    p.add_argument("--min-size", type=number(int, 0), default=224,
+                   help="pad validation slices to at least this size, as evaluate.py (the paper: 224, its "
+                        "training crop); 0: to a multiple of 32 only")
     args = p.parse_args(argv)
     if args.crop_scale[0] > args.crop_scale[1]:
         p.error(f"argument --crop-scale: {args.crop_scale[0]} {args.crop_scale[1]}: expected MIN <= MAX")
@@ -167,22 +170,27 @@ def train_one_epoch(model, loader, optimizer, scaler, autocast, generator, healt
 
 
 @torch.no_grad()
-def validate(model, dataset, run):
+def validation_loader(dataset, run):
+    """this rank's every world_size-th validation slice; built once, read in this process (the slices
+    are memory-mapped: workers would cost more to start each epoch than they save)"""
+    env = run.env
+    shard = torch.utils.data.Subset(dataset, range(env.rank, len(dataset), env.world_size))
+    return torch.utils.data.DataLoader(shard, batch_size=run.args.val_batch_size, collate_fn=slices.collate_slices)
+
+
+def validate(model, loader, run):
     """whole slices, deterministically, by evaluate.py's protocol (padded to at least 224 and a
-    multiple of 32, logits cropped back): each rank takes every world_size-th slice, and the
-    confusion matrix is summed over ranks"""
+    multiple of 32, logits cropped back); the confusion matrix is summed over ranks"""
     args, env = run.args, run.env
     model.eval()
-    shard = torch.utils.data.Subset(dataset, range(env.rank, len(dataset), env.world_size))
-    loader = torch.utils.data.DataLoader(shard, batch_size=args.val_batch_size, collate_fn=slices.collate_slices,
-                                         num_workers=min(2, slices.default_workers(args.workers)))
     counts = torch.zeros(len(CLASSES), len(CLASSES), dtype=torch.long, device=env.device)
     for batch in loader:
         batch = training.to_device(batch, env.device)
         h, w = batch["image"].shape[-2:]
         valid = ((torch.arange(h, device=env.device)[None, :, None] < batch["size"][:, :1, None]) &
                  (torch.arange(w, device=env.device)[None, None, :] < batch["size"][:, 1:, None]))  # (B, H, W)
-        pred = predict_slices(model, batch["image"][:, 0], (run.mean, run.std), run.autocast)  # (B, H, W)
+        pred = predict_slices(model, batch["image"][:, 0], (run.mean, run.std), run.autocast,
+                              min_size=args.min_size)  # (B, H, W)
         counts += confusion(pred, torch.where(valid, batch["label"].long(), -1), len(CLASSES))  # -1: the padding
     training.all_reduce(counts)
     inter = counts.diag().double()
@@ -261,6 +269,7 @@ def main(args):
     # -------------------------------------------------------------------- loop
     health = training.Health(env.device)
     loader = slices.make_loader(train_set, args.batch_size, env, args.workers, args.seed)
+    val_loader, best = validation_loader(val_set, run), None  # best: an improved best.pt not yet written
     for epoch in range(start_epoch, args.epochs):
         # the batches this epoch already did before an interruption are skipped
         loader.sampler.set_epoch(epoch, skip=(run.step - epoch * steps_per_epoch) * args.batch_size)
@@ -272,11 +281,12 @@ def main(args):
             sys.exit(1)
         done = run.step == (epoch + 1) * steps_per_epoch  # the epoch ran to its end
         if done and ((epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs):
-            stats.update(validate(net, val_set, run))
-            if env.main and stats["val_iou"] > run.best:
+            stats.update(validate(net, val_loader, run))
+            if env.main and stats["val_iou"] > run.best:  # kept on the host; written with the next checkpoint
                 run.best, run.best_epoch = stats["val_iou"], epoch
-                run_folder.save_atomic({"kind": "segmentation", "model": net.state_dict(), "epoch": epoch,
-                                        "val": stats, **meta}, os.path.join(args.out, "best.pt"))
+                best = {"kind": "segmentation", "model": {k: v.detach().to("cpu", copy=True)
+                                                          for k, v in net.state_dict().items()},
+                        "epoch": epoch, "val": stats, **meta}
         if done and env.main:
             run_folder.append_jsonl(run.log, stats)
             run_folder.draw_curves(args.out, f"fine-tuning, {os.path.basename(os.path.abspath(args.out))}",
@@ -287,6 +297,10 @@ def main(args):
         if run.stopped or (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
             run_folder.save_checkpoint(os.path.join(args.out, "checkpoint.pt"), "segmentation", net, optimizer,
                                        scaler, generator, epoch + done, run.step, **meta)
+            # best.pt after checkpoint.pt: a resume from that checkpoint finds the best of its epochs
+            if best is not None:
+                run_folder.save_atomic(best, os.path.join(args.out, "best.pt"))
+                best = None
         if run.stopped:
             if env.main:
                 print(f"stopped at step {run.step}: {args.out}/checkpoint.pt written; "

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 import acdc
+import checkpoints
 import files
 import run_folder
 import slices
@@ -33,7 +34,12 @@ from checkpoints import CheckpointError
 # command line
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows the script's docstring as written and the default of every flag"""
+    """--help shows the script's docstring as written and the default of every flag that has one"""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def number(kind, low=None, high=None, above=None, multiple=None):
@@ -75,8 +81,9 @@ def add_common_args(parser, *, out, epochs, batch_size, size=224, size_multiple=
     p.add_argument("--out", default=out, help="run folder for config.json, log.jsonl and checkpoints")
     p.add_argument("--epochs", type=number(int, 1), default=epochs, help="epochs to train")
     p.add_argument("--batch-size", type=number(int, 1), default=batch_size, help="slices per device per step")
-    p.add_argument("--arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50"],
-                   help="encoder (the paper: resnet50; 18/34 for quick runs)")
+    p.add_argument("--arch", default="auto", choices=["auto", "resnet18", "resnet34", "resnet50"],
+                   help="encoder; auto: the one in the starting weights (--weights, --init), else resnet50 (the "
+                        "paper's); 18/34 for quick runs")
     p.add_argument("--size", type=number(int, 32, multiple=size_multiple), default=size,
                    help="side of the random resized crops (the paper: 224)")
     add_device_args(p)
@@ -107,6 +114,17 @@ def normalisation(args):
     return (acdc.MEAN, acdc.STD) if args.norm == "published" else slices.intensity_stats(args.data, args.cache)
 
 
+def arch_of_weights(args):
+    """--arch auto: the ResNet that the starting weights hold (resnet50 without any)"""
+    flag, source = ("--weights", args.weights) if hasattr(args, "weights") else ("--init", args.init)
+    if source == "none":
+        return "resnet50"
+    arch = checkpoints.arch_of(source, trust=args.trust_checkpoint, flag=flag)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"--arch auto: {arch}, the encoder of {flag} {source}")
+    return arch
+
+
 def start(args, kind):
     """the set-up both scripts open with -> (env, checkpoint dict to resume or None, what the run
     trains (for config.json), autocast, scaler, amp). Everything a run needs is checked here, before
@@ -119,6 +137,8 @@ def start(args, kind):
         acdc.find_cases(args.data)
     except acdc.DatasetError as e:
         sys.exit(f"--data: {e}")
+    if args.arch == "auto":
+        args.arch = arch_of_weights(args)
     experiment = run_folder.experiment_of(args)
     resume = run_folder.prepare_run(args, kind, experiment)
     env = setup(args.device, args.dist_timeout)

@@ -96,11 +96,14 @@ def test_resume_after_a_signal_continues_exactly(tiny_acdc, tmp_path, monkeypatc
     assert val(split) == val(whole)
 
 
-def test_weights_from_a_backbone_file_initialise_the_encoder(tiny_acdc, tmp_path):
+def test_weights_from_a_backbone_file_initialise_the_encoder(tiny_acdc, tmp_path, capsys):
     backbone = resnet18(in_chans=1).state_dict()
     torch.save(backbone, tmp_path / "backbone.pth")
-    net = run(tiny_acdc, tmp_path / "run", "--weights", str(tmp_path / "backbone.pth"), "--epochs", "1",
-              "--freeze-encoder-epochs", "1")
+    argv = tiny_args(tiny_acdc, tmp_path / "run", "--weights", str(tmp_path / "backbone.pth"), "--epochs", "1",
+                     "--freeze-encoder-epochs", "1")
+    argv.remove("--arch"), argv.remove("resnet18")  # --arch auto: the backbone's
+    net = train_segment.main(train_segment.parse_args(argv))
+    assert net.arch == "resnet18" and "--arch auto: resnet18, the encoder of --weights" in capsys.readouterr().out
     # frozen for the one epoch: the weights are the file's (BatchNorm statistics still follow the data)
     for k, v in backbone.items():
         if "running" not in k and "num_batches" not in k:
@@ -151,7 +154,8 @@ def test_help_shows_every_default(capsys):
     with pytest.raises(SystemExit):
         train_segment.parse_args(["--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for default in ("(default: resnet50)", "(default: 150)", "(default: 192)", "(default: runs/segment)",
+    assert "(default: None)" not in out  # a flag without a default says nothing of one
+    for default in ("(default: auto)", "(default: 150)", "(default: 192)", "(default: runs/segment)",
                     "(default: jaccard)", "(default: 0.0001)"):
         assert default in out
 

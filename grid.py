@@ -1,0 +1,97 @@
+"""A study's grid of runs: its entries, where each one runs, what state each one is in.
+
+    entries = plan("studies/paper", settings)     # pretrainings first, then the grid, then the length study
+    state(entries[5])                             # "done", "to do", "partial", "waiting", "running", ...
+
+A strategy is a --weights value of train_segment.py (a published name, a file, none) or
+pretrain:INIT:EPOCHS, a BYOL pretraining done in the study first (STUDY/pretrain/<strategy>), from
+INIT for EPOCHS epochs; its fine-tunings wait for it. A run lives in
+STUDY/runs/<strategy>/fraction-F/seed-S and is done when its result.json exists.
+"""
+import os
+import sys
+from collections import namedtuple
+
+import nibabel as nib
+
+import acdc
+import results
+import run_folder
+import weights
+
+Entry = namedtuple("Entry", "kind strategy fraction seed folder weights needs pretrain_epochs")
+
+
+def slug(text):
+    return text.replace("/", "_").replace(":", "-").replace("@", "-at")
+
+
+def plan(study, s):
+    """-> [Entry]: pretrainings first (fine-tunings wait for them), then the grid, then the length study"""
+    entries, pretrain = [], {}
+    for strategy in s["strategies"]:
+        if strategy.startswith("pretrain:"):
+            try:
+                _, init, epochs = strategy.split(":")
+                epochs = int(epochs)
+            except ValueError:
+                sys.exit(f"--strategies {strategy}: expected pretrain:INIT:EPOCHS, e.g. pretrain:none:400")
+            folder = os.path.join(study, "pretrain", slug(strategy))
+            pretrain[strategy] = Entry("pretrain", strategy, None, None, folder, init, None, epochs)
+    entries += pretrain.values()
+    runs = [(s_, f, seed, None) for s_ in s["strategies"] for f in s["fractions"] for seed in s["seeds"]]
+    runs += [(s_, f, seed, e) for s_, p in pretrain.items() for e in s["lengths"] if e <= p.pretrain_epochs
+             for f in s["length_fractions"] for seed in s["length_seeds"]]
+    for strategy, fraction, seed, at in runs:
+        name = strategy if at is None else f"{strategy}@{at}"
+        folder = os.path.join(study, "runs", slug(name), f"fraction-{fraction:g}", f"seed-{seed}")
+        source = pretrain.get(strategy)
+        if source is None:
+            entries.append(Entry("finetune", name, fraction, seed, folder, strategy, None, None))
+        else:
+            backbone = "backbone.pth" if at is None else f"backbone_ep{at:03d}.pth"
+            entries.append(Entry("finetune", name, fraction, seed, folder,
+                                 os.path.join(source.folder, backbone), source, at))
+    return entries
+
+
+def missing_weights(entry):
+    """None, or one line saying which file a run's weights need and how to get it"""
+    source = entry.weights if entry.kind == "pretrain" or entry.needs is None else None
+    if source in (None, "none"):
+        return None
+    available, detail = weights.status(source)
+    return None if available else detail
+
+
+def state(entry):
+    folder = entry.folder
+    if os.path.exists(os.path.join(folder, "result.json")):
+        return "done"
+    if missing_weights(entry):
+        return "unavailable"
+    if entry.needs is not None and state(entry.needs) != "done":
+        return "waiting"
+    owner = run_folder.read_owner(os.path.join(folder, run_folder.LOCK))
+    if owner and not run_folder.stale_reason(owner) and owner.get("pid") != os.getpid():
+        return "running"
+    if os.path.exists(os.path.join(folder, "failed.txt")):
+        return "failed"
+    return "partial" if os.path.exists(os.path.join(folder, "checkpoint.pt")) else "to do"
+
+
+def finished(folder, epochs):
+    """a fine-tuning or pretraining ran all its epochs (its log has the last epoch's line)"""
+    path = os.path.join(folder, "log.jsonl")
+    return os.path.exists(path) and any(r["epoch"] == epochs - 1 for r in results.epoch_lines(folder))
+
+
+def label(entry):
+    if entry.kind == "pretrain":
+        return f"pretraining {entry.strategy}"
+    return f"{entry.strategy}, fraction {entry.fraction:g}, seed {entry.seed}"
+
+
+def count_slices(root):
+    """train slices from the headers alone (decoding waits for the first run)"""
+    return sum(nib.load(f.image).shape[2] for case in acdc.find_cases(root, split="train") for f in case.frames)

@@ -1,0 +1,78 @@
+"""study.py on a tiny phantom: a BYOL pretraining and random weights, two label fractions, one seed,
+the pretraining-length study at epoch 0 (the backbone before training); planned, stopped, reported half-done, finished by a
+pool of two CPU processes, reported, and refused with other settings."""
+import csv
+import json
+import os
+import xml.etree.ElementTree as ET
+
+import pytest
+
+import grid
+import study
+
+SETTINGS = ["--strategies", "none,pretrain:none:1", "--fractions", "0.5,1", "--seeds", "0", "--lengths", "0",
+            "--pretrain-args", "--size 32 --batch-size 8 --warmup-epochs 1 --log-every 5"]
+TRAIN = ["--arch", "resnet18", "--size", "32", "--batch-size", "8", "--epochs", "2", "--warmup-epochs", "1",
+         "--workers", "0", "--log-every", "5", "--device", "cpu", "--min-size", "0", "--val-batch-size", "8"]
+
+
+def test_a_tiny_study_from_plan_to_report(tiny_acdc, tmp_path, capfd):
+    folder = str(tmp_path / "study")
+
+    def study_py(command, *extra, train=TRAIN):
+        argv = [command, "--study", folder, "--data", tiny_acdc, *SETTINGS, *extra, "--", *train]
+        return study.main(study.parse_args(argv))
+
+    # the plan: the pretraining first, 2 x 2 fine-tunings, 1 of the length study
+    assert study_py("plan") == 0
+    out = capfd.readouterr().out
+    assert "6 entries: " in out and out.index("pretraining pretrain:none:1") < out.index("none, fraction 0.5")
+    entries = grid.plan(folder, study.settings_of(study.parse_args(["plan", "--study", folder])))
+    assert [e.kind for e in entries] == ["pretrain"] + ["finetune"] * 5
+    waiting = next(i for i, e in enumerate(entries) if e.needs is not None)
+    assert study_py("run", "--index", str(waiting)) == study.WAITING  # its pretraining is not done
+
+    # one run, stopped after 2 steps (as a time limit would): partial, then a report of what there is
+    first = entries.index(next(e for e in entries if e.strategy == "none" and e.fraction == 0.5))
+    assert study_py("run", "--index", str(first), train=TRAIN + ["--stop-after", "2"]) == study.WAITING
+    assert grid.state(entries[first]) == "partial"
+    assert study_py("report") == 0
+    assert "## Not finished" in open(os.path.join(folder, "results.md")).read()
+    assert len(list(csv.DictReader(open(os.path.join(folder, "results.csv"))))) == 0
+
+    # a pool of two processes does the rest, resuming the stopped run
+    assert study_py("run", "--gpus", "cpu,cpu") == 0
+    assert all(grid.state(e) == "done" for e in entries)
+    assert "resumed from" in open(os.path.join(entries[first].folder, "output.log")).read()
+    assert not os.path.exists(os.path.join(entries[first].folder, "checkpoint.pt"))  # --keep best-fp16
+    capfd.readouterr()
+    assert study_py("run") == 0  # nothing left to do
+    assert "starting" not in capfd.readouterr().out
+
+    # the report: one row per run, equal to its metrics.json; plots with one series per strategy
+    assert study_py("report") == 0
+    rows = list(csv.DictReader(open(os.path.join(folder, "results.csv"))))
+    assert list(rows[0]) == ["strategy", "weights", "fraction", "distinct_train_slices", "seed", "epochs", "steps",
+                             "best_val_iou", "best_epoch", "epochs_to_90", "epochs_to_95",
+                             "test_iou_with_background", "test_iou_structures", "dice_RV", "dice_MYO", "dice_LV",
+                             "hd95_RV", "hd95_MYO", "hd95_LV", "mean_dice", "wall_s", "step_s"]
+    assert len(rows) == 5
+    for row, entry in zip(rows, [e for e in entries if e.kind == "finetune"]):
+        metrics = json.load(open(os.path.join(entry.folder, "test", "metrics.json")))
+        assert float(row["mean_dice"]) == pytest.approx(metrics["mean_dice_structures"], rel=1e-5)
+        assert float(row["test_iou_with_background"]) == pytest.approx(
+            metrics["paper_slice_iou"]["mean_iou_with_background"], rel=1e-5)
+        assert float(row["wall_s"]) > float(row["step_s"]) > 0
+    ns = "{http://www.w3.org/2000/svg}"
+    for name, series in (("data_efficiency.svg", 2 * 2), ("convergence.svg", 2 * 2), ("pretraining_length.svg", 2)):
+        # two panels each (test IoU and Dice; the two fractions; test IoU and epochs to 95%)
+        root = ET.parse(os.path.join(folder, name)).getroot()
+        names = [s.get("data-name") for s in root.iter(f"{ns}polyline") if s.get("class") == "series"]
+        assert len(names) == series and set(names) <= {"none", "pretrain:none:1"}, name
+    text = open(os.path.join(folder, "results.md")).read()
+    assert "## Pretraining length" in text and "Not finished" not in text
+
+    # other settings in the same study folder are refused, naming the flag
+    with pytest.raises(SystemExit, match="--seeds"):
+        study_py("plan", "--seeds", "0,1")
