@@ -265,12 +265,14 @@ def cached(path, kind, cache_dir):
     data = np.ascontiguousarray(data.swapaxes(0, 1).T)  # (X, Y, Z[, T]) -> ([T,] Z, X, Y)
     os.makedirs(cache_dir, exist_ok=True)
     for old in glob.glob(os.path.join(cache_dir, glob.escape(base) + "-*")):
-        with suppress(FileNotFoundError):  # an earlier entry of this file, unless another rank removed it first
+        # an earlier entry of this file, unless another rank removed it first
+        with suppress(FileNotFoundError):
             os.remove(old)
     # another rank, or a run after a crash, never sees half a file; the checksum comes last, so an
     # entry without one is incomplete
     files.write_atomic(out, lambda tmp: np.save(tmp, data))
-    files.write_json(out[:-4] + ".json", {"source": path, "bytes": os.path.getsize(out), "crc32": crc32_of(out)})
+    files.write_json(out[:-4] + ".json",
+                     {"source": path, "bytes": os.path.getsize(out), "crc32": crc32_of(out)})
     return out
 
 
@@ -306,7 +308,8 @@ def check_dataset(root, log=None, cache_dir=None):
         elif cine := attempt(read_volume, case.cine, dtype=None, ndim=4):
             cines.append(cine.data.shape)
     cache_dir = cache_dir or default_cache_dir(root)
-    sources = [p for case in cases for p in [case.cine] + [v for f in case.frames for v in (f.image, f.label)] if p]
+    sources = [p for case in cases
+               for p in [case.cine] + [v for f in case.frames for v in (f.image, f.label)] if p]
     entries = [(src, cache_entry(src, cache_dir)[0]) for src in sources]
     entries = [(src, entry) for src, entry in entries if os.path.exists(entry)]
     for src, entry in entries:

@@ -104,8 +104,8 @@ def build(args, env, dataset_kind):
     """-> (inputs(batch on device, generator): the script's augmentation,
            step(inputs): its training step, amp)"""
     autocast, scaler, amp = training.autocast(env.device, args.amp)
-    run = training.Run(args=SimpleNamespace(size=args.size, crop_scale=(0.08, 1.0), paper_inputs=False), env=env,
-                       mean=acdc.MEAN, std=acdc.STD)
+    run = training.Run(args=SimpleNamespace(size=args.size, crop_scale=(0.08, 1.0), paper_inputs=False),
+                       env=env, mean=acdc.MEAN, std=acdc.STD)
     # the scripts' models and optimizers, wrapped as they wrap them
     if dataset_kind == "pretrain":
         net, model = training.wrap(BYOL(ARCHS[args.arch](in_chans=1)), env, args.compile)
@@ -146,7 +146,8 @@ def seconds_per_step(mode, arch, size, batch_size, amp, device, compile=False, s
 
 
 def bench_training(args, env, data):
-    dataset = (slices.UnlabelledSlices if args.mode == "pretrain" else slices.LabelledSlices)(data, split="train")
+    dataset = (slices.UnlabelledSlices if args.mode == "pretrain"
+               else slices.LabelledSlices)(data, split="train")
     training.steps_per_epoch(dataset, args.batch_size, 1)  # exits with a message if one batch does not fit
     inputs, step, amp = build(args, env, args.mode)
     generator = torch.Generator(device=env.device).manual_seed(args.seed)

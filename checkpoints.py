@@ -70,12 +70,13 @@ def read_checkpoint(source, trust=False, flag=None, name=None):
             ckpt = torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as e:
         # torch's message is long: keep its first line that says what it refused
-        detail = gist([line for line in str(e).split("WeightsUnpickler error:")[-1].splitlines() if line.strip()][0])
+        detail = gist([line for line in str(e).split("WeightsUnpickler error:")[-1].splitlines()
+                       if line.strip()][0])
         if trust or ("GLOBAL" not in detail and "Can only" not in detail):
             raise CheckpointError(f"{label}: not a PyTorch checkpoint, or a damaged one ({detail})") from e
-        raise CheckpointError(f"{label}: the safe loader (torch.load weights_only=True) refused it: {detail}. "
-                              "Unpickling other objects can run code stored in the file; if you trust where "
-                              "it came from, pass --trust-checkpoint") from e
+        raise CheckpointError(f"{label}: the safe loader (torch.load weights_only=True) refused it: "
+                              f"{detail}. Unpickling other objects can run code stored in the file; if you "
+                              "trust where it came from, pass --trust-checkpoint") from e
     except Exception as e:  # a damaged archive, a truncated pickle
         raise CheckpointError(f"{label}: a truncated or damaged PyTorch checkpoint? ({type(e).__name__}: "
                               f"{gist(e)})") from e
@@ -99,8 +100,9 @@ def not_torch_save(path):
 # and which need those libraries (not dependencies) to unpickle. Stand-ins take their place: they run nothing,
 # keep the plain content of the pickled state (dicts, lists, numbers, strings) and are replaced by it once
 # loaded, so a Lightning .ckpt loads safely and its config reads as a dict. Other objects need trust.
-METADATA_MODULES = ("pytorch_lightning.", "lightning.", "lightning_fabric.", "omegaconf.", "typing.", "pathlib.",
-                    "argparse.Namespace", "collections.defaultdict",  # and the types OmegaConf's metadata names:
+METADATA_MODULES = ("pytorch_lightning.", "lightning.", "lightning_fabric.", "omegaconf.", "typing.",
+                    "pathlib.", "argparse.Namespace", "collections.defaultdict",
+                    # and the types OmegaConf's metadata names:
                     *(f"builtins.{t}" for t in "dict list tuple str int float bool object".split()))
 
 
@@ -253,8 +255,8 @@ BACKBONE_LAYOUTS = [
 
 def find_backbone(state):
     """-> the entry of BACKBONE_LAYOUTS whose keys `state` has, or None"""
-    return next(((layout, target, online) for layout, target, online in BACKBONE_LAYOUTS if target + "conv1.weight"
-                 in state and (online is None or online + "conv1.weight" in state)), None)
+    return next(((layout, target, online) for layout, target, online in BACKBONE_LAYOUTS if target
+                 + "conv1.weight" in state and (online is None or online + "conv1.weight" in state)), None)
 
 
 def split_backbone(state, label, what, branch="target"):
@@ -296,7 +298,6 @@ def load_backbone(source, in_chans=1, branch="target", trust=False, arch=None, f
         rule = "summed" if in_chans == 1 else "repeated, rescaled"
         notes += f"; conv1 {c} -> {in_chans} channels ({rule})"
     check_state_dict(model, backbone, f"{label} as {arch}")
-
     where = f"'{prefix}*' " if prefix else ""
     side = f"{branch} branch" if online is not None else "single backbone"
     print(f"loaded {arch} backbone {where}({layout}, {what}) from {name} ({side}){notes}; "
@@ -322,8 +323,7 @@ def unet_args(state):
     """the UNet(...) arguments that a UNet state dict was made with, read from its tensors"""
     encoder = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
     return {"in_chans": state["encoder.conv1.weight"].shape[1],
-            "num_classes": state["segmentation_head.0.weight"].shape[0],
-            "arch": resnet_arch(encoder)}
+            "num_classes": state["segmentation_head.0.weight"].shape[0], "arch": resnet_arch(encoder)}
 
 
 def load_segmentation(source, trust=False, flag=None, name=None, in_chans=None, num_classes=None, arch=None):
@@ -334,11 +334,11 @@ def load_segmentation(source, trust=False, flag=None, name=None, in_chans=None, 
     what, state, others = state_dict_of(read_checkpoint(source, trust, flag, name))
     if "segmentation_head.0.weight" not in state and find_backbone(state) is not None:
         kind = f"a {find_backbone(state)[0]} state dict" if what == "state dict" else what
-        raise CheckpointError(f"{label} holds a backbone ({kind}), not a fine-tuned U-Net: fine-tune it first "
-                              f"with train_segment.py --weights {'FILE' if name == 'checkpoint dict' else name}")
+        raise CheckpointError(f"{label} holds a backbone ({kind}), not a fine-tuned U-Net: "
+                              f"fine-tune it first with train_segment.py "
+                              f"--weights {'FILE' if name == 'checkpoint dict' else name}")
     if "encoder.conv1.weight" not in state or "segmentation_head.0.weight" not in state:
         raise CheckpointError(f"{label}: no U-Net found in this {what}; its keys: {few(state)}")
-
     parts = ("encoder", "decoder", "segmentation_head")
     unet_state = {k: v for k, v in state.items() if k.split(".")[0] in parts}
     unused = [k for k in state if k not in unet_state]

@@ -29,7 +29,8 @@ import files
 import inference
 import pictures
 import training
-from metrics import STRUCTURES, agreement, clinical_indices, mean_std, paper_iou_summary, score_volume, slice_iou
+from metrics import (STRUCTURES, agreement, clinical_indices, mean_std, paper_iou_summary, score_volume,
+                     slice_iou)
 
 
 def case_svg(path, title, rows):
@@ -57,7 +58,8 @@ def table(m):
     lines = [f"data: {data}",
              f"split '{m['split']}': {m['cases']} patients, {m['volumes']} volumes",
              f"paper protocol (2D, {p['slices']} slices, mean +- std over slices):",
-             f"  mean IoU with background {p['mean_iou_with_background']:.4f} +- {p['std_iou_with_background']:.4f}"
+             f"  mean IoU with background {p['mean_iou_with_background']:.4f} "
+             f"+- {p['std_iou_with_background']:.4f}"
              f"   structures only {p['mean_iou_structures']:.4f} +- {p['std_iou_structures']:.4f}",
              "  per class: " + "  ".join(f"{k} {v:.4f}" for k, v in p["per_class_iou"].items()),
              "challenge protocol (3D volumes, mean +- std over patients):",
@@ -84,13 +86,15 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", required=True,
                    help="RUN/best.pt of train_segment.py, or a fine-tuned checkpoint of the paper")
     p.add_argument("--data", default="data/acdc-synth",
-                   help="ACDC root (training/, testing/ or a folder holding them); the default is the phantom")
+                   help="ACDC root (training/, testing/ or a folder holding them); "
+                        "the default is the phantom")
     p.add_argument("--split", default="test", choices=["train", "val", "test", "testing"],
                    help="the paper's patient split (test: 1, 11, ..., 91), or ACDC's testing set (101-150)")
     p.add_argument("--out", default=None,
                    help="output folder (by default eval-<checkpoint file name>-<split> beside the "
                         "checkpoint)")
-    p.add_argument("--overwrite", action="store_true", help="replace the results of a finished evaluation in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of a finished evaluation in --out")
     training.add_device_args(p)
     inference.add_args(p)
     p.add_argument("--workers", type=training.number(int, 0), default=2,
@@ -136,7 +140,8 @@ def summarize(rows, ious, clinical):
     dice_all = [r[f"dice_{s}"] for r in rows for s in STRUCTURES.values()]
     return {"paper_slice_iou": paper_iou_summary(torch.cat(ious)),
             "mean_dice_structures": sum(dice_all) / len(dice_all),  # RV, MYO, LV over every volume
-            "challenge": {phase: {s: {m: mean_std(per_phase(phase, f"{m}_{s}")) for m in ("dice", "hd", "hd95")}
+            "challenge": {phase: {s: {m: mean_std(per_phase(phase, f"{m}_{s}"))
+                                      for m in ("dice", "hd", "hd95")}
                                   for s in STRUCTURES.values()} for phase in ("ED", "ES")},
             "clinical": {k: agreement([p[k] for p, _ in clinical], [t[k] for _, t in clinical])
                          for k in clinical[0][0]}}
@@ -202,7 +207,8 @@ def main(args):
                 name = f"patient{case.patient:03d}_frame{frame.frame:02d}"
                 files.write_nifti(os.path.join(out, f"{name}_pred.nii.gz"), pred_cpu.numpy(), image)
                 dice = ", ".join(f"{s} {row[f'dice_{s}']:.3f}" for s in STRUCTURES.values())
-                tiles += [(f"{frame.phase} (frame {frame.frame}), slice {z + 1} of {pred.shape[2]}: Dice {dice}",
+                tiles += [(f"{frame.phase} (frame {frame.frame}), "
+                           f"slice {z + 1} of {pred.shape[2]}: Dice {dice}",
                            torch.from_numpy(image.data), torch.from_numpy(label.data), pred_cpu, z)
                           for z in pictures.pick_slices(truth)]
         (ed_pred, ed_truth, ed_sp), (es_pred, es_truth, es_sp) = phases["ED"], phases["ES"]
@@ -215,7 +221,8 @@ def main(args):
     # ---- summary; metrics.json last: its presence marks a finished evaluation
     metrics = {"checkpoint": os.path.abspath(args.checkpoint),
                "data": {"path": os.path.abspath(args.data), "synthetic_phantom": bool(phantom)},
-               "split": args.split, "cases": len(cases), "volumes": len(rows), **summarize(rows, ious, clinical),
+               "split": args.split, "cases": len(cases), "volumes": len(rows),
+               **summarize(rows, ious, clinical),
                "normalisation": {"mean": norm[0], "std": norm[1], "source": norm[2]}, "tta": args.tta,
                "device": str(device), "amp": amp, "min_size": args.min_size,
                "seconds": round(time.time() - t0, 1)}

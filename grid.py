@@ -94,4 +94,5 @@ def label(entry):
 
 def count_slices(root):
     """train slices from the headers alone (decoding waits for the first run)"""
-    return sum(nib.load(f.image).shape[2] for case in acdc.find_cases(root, split="train") for f in case.frames)
+    return sum(nib.load(f.image).shape[2] for case in acdc.find_cases(root, split="train")
+               for f in case.frames)

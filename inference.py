@@ -2,7 +2,7 @@
 
     model, norm = load_model("RUN/best.pt", device)              # eval mode, on the device
     labels = predict_volume(model, volume, device, norm)         # (X, Y, Z[, T]) raw -> the same shape, uint8
-    labels = predict_volume(model, volume, device, norm, tta=True)   # + flipped copies, probabilities averaged
+    labels = predict_volume(model, volume, device, norm, tta=True)  # + flipped copies, probabilities averaged
 
 Each slice is zero-padded at the bottom and right to a multiple of 32 (the encoder's stride) and
 to at least 224 pixels (the paper's training crop), normalised, segmented, and its logits cropped

@@ -173,11 +173,12 @@ class Chart:
         py = lambda v: top + m["t"] + ph - (v - y0) / ((y1 - y0) or 1) * ph  # noqa: E731
         out = [f'<text x="{left + self.width / 2:.1f}" y="{top + 20}" text-anchor="middle" '
                f'font-size="14" font-weight="bold">{esc(self.title)}</text>',
-               f'<rect x="{left + m["l"]}" y="{top + m["t"]}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>']
+               f'<rect x="{left + m["l"]}" y="{top + m["t"]}" width="{pw}" height="{ph}" '
+               f'fill="none" stroke="#888"/>']
         for v in xt:
             if x0 - 1e-9 <= fx(v) <= x1 + 1e-9:
-                out += [f'<line x1="{px(v):.1f}" x2="{px(v):.1f}" y1="{top + m["t"]}" y2="{top + m["t"] + ph}" '
-                        f'stroke="#e4e4e4"/>',
+                out += [f'<line x1="{px(v):.1f}" x2="{px(v):.1f}" y1="{top + m["t"]}" '
+                        f'y2="{top + m["t"] + ph}" stroke="#e4e4e4"/>',
                         f'<text x="{px(v):.1f}" y="{top + m["t"] + ph + 16}" text-anchor="middle" '
                         f'font-size="11">{label(v)}</text>']
         for v in yt:
@@ -195,7 +196,8 @@ class Chart:
                     f'<text x="{px(x) + 3:.1f}" y="{top + m["t"] + 12}" font-size="11" fill="{colour}">'
                     f'{esc(name)}</text>']
         for i, s in enumerate(self.series):
-            keep = [j for j, x in enumerate(s["x"]) if finite(x) and finite(s["y"][j]) and (x > 0 or not self.xlog)]
+            keep = [j for j, x in enumerate(s["x"])
+                    if finite(x) and finite(s["y"][j]) and (x > 0 or not self.xlog)]
             if s["band"] and keep:
                 lo, hi = s["band"]
                 ring = [(px(s["x"][j]), py(hi[j])) for j in keep if finite(hi[j])]
@@ -228,7 +230,8 @@ class Tiles:
         self.height = 48 + len(rows) * (tile + 22) + 10
 
     def svg(self, left=0, top=0):
-        out = [f'<text x="{left + 6}" y="{top + 18}" font-size="14" font-weight="bold">{esc(self.title)}</text>']
+        out = [f'<text x="{left + 6}" y="{top + 18}" font-size="14" font-weight="bold">'
+               f'{esc(self.title)}</text>']
         x = left + 6
         for name, colour in self.legend:
             out += [f'<rect x="{x}" y="{top + 28}" width="12" height="12" fill="{colour}"/>',
@@ -239,8 +242,9 @@ class Tiles:
             out.append(f'<text x="{left + 6}" y="{y + 14}" font-size="12">{esc(caption)}</text>')
             for i, tile in enumerate(tiles):
                 data = base64.b64encode(png_bytes(square(tile.float(), self.tile).round().to(torch.uint8)))
-                out.append(f'<image x="{left + 6 + i * (self.tile + self.gap)}" y="{y + 20}" width="{self.tile}" '
-                           f'height="{self.tile}" href="data:image/png;base64,{data.decode()}"/>')
+                out.append(f'<image x="{left + 6 + i * (self.tile + self.gap)}" y="{y + 20}" '
+                           f'width="{self.tile}" height="{self.tile}" '
+                           f'href="data:image/png;base64,{data.decode()}"/>')
             y += self.tile + 22
         return "<g>" + "\n".join(out) + "</g>"
 

@@ -332,7 +332,8 @@ def main(args):
             slices_png(output(stem, "_slices.png"), (image[..., ed - 1], labels[..., ed - 1].cpu()),
                        (image[..., es - 1], labels[..., es - 1].cpu()))
         elif path in pairs:  # an ACDC folder without a cine: its ED and ES files make the case
-            pending.setdefault(folder, {})[pairs[path]] = (torch.from_numpy(scan.data), labels.cpu(), volumes[0])
+            pending.setdefault(folder, {})[pairs[path]] = (torch.from_numpy(scan.data), labels.cpu(),
+                                                           volumes[0])
             if len(pending[folder]) == 2:
                 pair = pending.pop(folder)
                 (ed_image, ed_labels, ed_volumes), (es_image, es_labels, es_volumes) = pair["ED"], pair["ES"]

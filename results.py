@@ -21,9 +21,10 @@ import torch
 import files
 import pictures
 
-FIELDS = ["strategy", "weights", "fraction", "distinct_train_slices", "seed", "epochs", "steps", "best_val_iou",
-          "best_epoch", "epochs_to_90", "epochs_to_95", "test_iou_with_background", "test_iou_structures",
-          "dice_RV", "dice_MYO", "dice_LV", "hd95_RV", "hd95_MYO", "hd95_LV", "mean_dice", "wall_s", "step_s"]
+FIELDS = ["strategy", "weights", "fraction", "distinct_train_slices", "seed", "epochs", "steps",
+          "best_val_iou", "best_epoch", "epochs_to_90", "epochs_to_95", "test_iou_with_background",
+          "test_iou_structures", "dice_RV", "dice_MYO", "dice_LV", "hd95_RV", "hd95_MYO", "hd95_LV",
+          "mean_dice", "wall_s", "step_s"]
 STRUCTURES = ("RV", "MYO", "LV")
 
 
@@ -52,20 +53,23 @@ def run_row(folder, strategy, pretrain_epochs=None):
     """the results.csv row of a finished run folder (train_segment.py then evaluate.py into test/)"""
     config, metrics = read_json(os.path.join(folder, "config.json")), read_json(os.path.join(folder, "test",
                                                                                           "metrics.json"))
-    timing = read_json(os.path.join(folder, "timing.json")) if os.path.exists(os.path.join(folder,
-                                                                                           "timing.json")) else {}
+    timing = (read_json(os.path.join(folder, "timing.json"))
+              if os.path.exists(os.path.join(folder, "timing.json")) else {})
     curve = [(r["epoch"], r["val_iou"]) for r in epoch_lines(folder) if r.get("val_iou") is not None]
     best_epoch, best = max(curve, key=lambda c: c[1], default=(float("nan"), float("nan")))
     challenge, paper = metrics["challenge"], metrics["paper_slice_iou"]
     args = config["args"]
     row = {"strategy": strategy, "weights": args["weights"], "fraction": args["label_fraction"],
            "distinct_train_slices": config.get("distinct_train_slices", config["train_slices"]),
-           "seed": args["seed"], "epochs": args["epochs"], "steps": config["total_steps"], "best_val_iou": best,
-           "best_epoch": best_epoch, "epochs_to_90": epochs_to(curve, 0.90), "epochs_to_95": epochs_to(curve, 0.95),
+           "seed": args["seed"], "epochs": args["epochs"], "steps": config["total_steps"],
+           "best_val_iou": best, "best_epoch": best_epoch,
+           "epochs_to_90": epochs_to(curve, 0.90), "epochs_to_95": epochs_to(curve, 0.95),
            "test_iou_with_background": paper["mean_iou_with_background"],
            "test_iou_structures": paper["mean_iou_structures"],
-           **{f"dice_{s}": mean_of(*(challenge[p][s]["dice"]["mean"] for p in ("ED", "ES"))) for s in STRUCTURES},
-           **{f"hd95_{s}": mean_of(*(challenge[p][s]["hd95"]["mean"] for p in ("ED", "ES"))) for s in STRUCTURES},
+           **{f"dice_{s}": mean_of(*(challenge[p][s]["dice"]["mean"] for p in ("ED", "ES")))
+              for s in STRUCTURES},
+           **{f"hd95_{s}": mean_of(*(challenge[p][s]["hd95"]["mean"] for p in ("ED", "ES")))
+              for s in STRUCTURES},
            "mean_dice": metrics["mean_dice_structures"], "wall_s": timing.get("wall_s", float("nan")),
            "step_s": timing.get("step_s", float("nan"))}
     row["pretrain_epochs"] = pretrain_epochs  # for the pretraining-length table, not a results.csv column
@@ -113,10 +117,13 @@ def markdown(rows, missing, title, reference, fraction_for_speed):
     strategies = list(dict.fromkeys(r["strategy"] for r in grid))
     fractions = sorted({r["fraction"] for r in grid})
     by = group(grid, "strategy", "fraction")
-    parts = [f"# {title}", "", f"{len(rows)} finished runs" + (f"; {len(missing)} not finished (listed at the end)"
-                                                               if missing else "") + ". Mean ± std over seeds."]
-    for key, name in (("test_iou_with_background", "Test IoU, the paper's protocol (per slice, with background)"),
-                      ("mean_dice", "Test Dice, mean of RV, MYO, LV over ED and ES (the challenge's protocol)")):
+    parts = [f"# {title}", "", f"{len(rows)} finished runs"
+             + (f"; {len(missing)} not finished (listed at the end)" if missing else "")
+             + ". Mean ± std over seeds."]
+    for key, name in (("test_iou_with_background",
+                       "Test IoU, the paper's protocol (per slice, with background)"),
+                      ("mean_dice",
+                       "Test Dice, mean of RV, MYO, LV over ED and ES (the challenge's protocol)")):
         lines = [[s] + [cell([r[key] for r in by.get((s, f), [])]) if (s, f) in by else "" for f in fractions]
                  for s in strategies]
         parts += ["", f"## {name}", "", table(["strategy"] + [f"{f:g}" for f in fractions], lines)]
@@ -129,15 +136,17 @@ def markdown(rows, missing, title, reference, fraction_for_speed):
         for (s,), runs in speed.items():
             mean = stats([r["epochs_to_95"] for r in runs])[0]
             factor = f"{ref / mean:.2f} x" if math.isfinite(ref) and mean > 0 else "n/a"
-            lines.append([s, cell([r["epochs_to_95"] for r in runs], 1), cell([r["best_val_iou"] for r in runs]),
-                          factor])
+            lines.append([s, cell([r["epochs_to_95"] for r in runs], 1),
+                          cell([r["best_val_iou"] for r in runs]), factor])
         parts += ["", f"## Convergence at label fraction {fraction_for_speed:g}", "",
-                  f"Epochs until the validation IoU first reached 95% of the run's best; speed-up: {reference}'s "
-                  f"epochs divided by the strategy's.", "",
-                  table(["strategy", "epochs to 95%", "best validation IoU", f"speed-up vs {reference}"], lines)]
+                  f"Epochs until the validation IoU first reached 95% of the run's best; speed-up: "
+                  f"{reference}'s epochs divided by the strategy's.", "",
+                  table(["strategy", "epochs to 95%", "best validation IoU",
+                         f"speed-up vs {reference}"], lines)]
     length = [r for r in rows if r["pretrain_epochs"] is not None]
     if length:
-        lines = [[s, e, cell([r["test_iou_with_background"] for r in runs]), cell([r["epochs_to_95"] for r in runs], 1)]
+        lines = [[s, e, cell([r["test_iou_with_background"] for r in runs]),
+                  cell([r["epochs_to_95"] for r in runs], 1)]
                  for (s, e), runs in sorted(group(length, "strategy", "pretrain_epochs").items())]
         parts += ["", "## Pretraining length", "", table(["pretraining", "pretraining epochs", "test IoU",
                                                           "epochs to 95%"], lines)]
@@ -172,8 +181,8 @@ def group_one(rows, key):
 
 def convergence(rows, fraction, title):
     """validation IoU against epochs trained (as epochs_to_95 counts them), mean and band over seeds"""
-    chart = pictures.Chart(f"validation IoU per epoch, label fraction {fraction:g}, {title}", "epochs trained",
-                           "validation IoU", integer_x=True)
+    chart = pictures.Chart(f"validation IoU per epoch, label fraction {fraction:g}, {title}",
+                           "epochs trained", "validation IoU", integer_x=True)
     for (s,), runs in group([r for r in rows if r["fraction"] == fraction], "strategy").items():
         epochs = sorted({e for r in runs for e, _ in r["curve"]})
         per_epoch = {e + 1: [{"v": v} for r in runs for e2, v in r["curve"] if e2 == e] for e in epochs}
@@ -184,7 +193,8 @@ def convergence(rows, fraction, title):
 
 def pretraining_length(rows, title):
     charts = []
-    for key, label in (("test_iou_with_background", "test IoU"), ("epochs_to_95", "fine-tuning epochs to 95%")):
+    for key, label in (("test_iou_with_background", "test IoU"),
+                       ("epochs_to_95", "fine-tuning epochs to 95%")):
         chart = pictures.Chart(f"{label} against pretraining epochs, {title}", "pretraining epochs", label,
                                integer_x=True)
         for (s,), runs in group(rows, "strategy").items():
@@ -205,7 +215,8 @@ def write_all(folder, rows, missing, title, reference="supervised_imagenet", con
                      markdown(rows, missing, f"Results: {title}", reference, max(fractions, default=1.0)))
     if grid:
         pictures.write_svg(os.path.join(folder, "data_efficiency.svg"), data_efficiency(grid, title))
-        pictures.write_svg(os.path.join(folder, "convergence.svg"), [convergence(grid, f, title) for f in chosen])
+        pictures.write_svg(os.path.join(folder, "convergence.svg"),
+                           [convergence(grid, f, title) for f in chosen])
         written.update({"data_efficiency.svg": None, "convergence.svg": None})
     length = [r for r in rows if r["pretrain_epochs"] is not None]
     if length:

@@ -114,9 +114,9 @@ def try_lock(folder):
             reason = stale_reason(owner)
             if reason is None:
                 age = time.time() - float(owner["heartbeat"])
-                return (f"--out {folder} is in use by another run: host {owner['host']}, process {owner['pid']}, "
-                        f"started {owner['started']}, last heartbeat {age:.0f} s ago ({path}); wait for it to "
-                        f"finish or choose another --out")
+                return (f"--out {folder} is in use by another run: host {owner['host']}, "
+                        f"process {owner['pid']}, started {owner['started']}, last heartbeat {age:.0f} s ago "
+                        f"({path}); wait for it to finish or choose another --out")
             print(f"notice: taking over the stale lock of {folder} ({reason}; it was held by "
                   f"{(owner or {}).get('host')} process {(owner or {}).get('pid')})")
             try:
@@ -185,11 +185,11 @@ def prepare_run(args, kind, experiment):
         # finished run whose checkpoint.pt was removed (the study runner keeps only the weights)
         weights = [f for f in ("best.pt", "backbone.pth") if f in taken]
         if args.resume == "auto" and weights and not args.overwrite:
-            sys.exit(f"--out {out} holds a finished run ({', '.join(taken)}) without its checkpoint.pt: nothing "
-                     f"to resume; pass --overwrite to start afresh, or choose another --out")
+            sys.exit(f"--out {out} holds a finished run ({', '.join(taken)}) without its checkpoint.pt: "
+                     f"nothing to resume; pass --overwrite to start afresh, or choose another --out")
         if taken and args.resume != "auto" and not args.overwrite:
-            sys.exit(f"--out {out} holds another run ({', '.join(taken)}): pass --resume auto to continue it, "
-                     f"--overwrite to start afresh, or choose another --out")
+            sys.exit(f"--out {out} holds another run ({', '.join(taken)}): pass --resume auto to continue "
+                     f"it, --overwrite to start afresh, or choose another --out")
         return None
     if not os.path.exists(path):
         sys.exit(f"--resume {path}: file not found")
@@ -199,8 +199,10 @@ def prepare_run(args, kind, experiment):
                  f"state); --resume needs the run's checkpoint.pt (or 'auto'); to start from these weights "
                  f"use --weights {path}")
     if ckpt.get("kind") != kind or "optimizer" not in ckpt:
-        what = f"this project's {ckpt['kind']} checkpoint" if ckpt.get("kind") else "not this project's checkpoint"
-        sys.exit(f"--resume {path}: {what}; --resume needs the RUN/checkpoint.pt of a {kind} run of this project")
+        what = (f"this project's {ckpt['kind']} checkpoint" if ckpt.get("kind")
+                else "not this project's checkpoint")
+        sys.exit(f"--resume {path}: {what}; "
+                 f"--resume needs the RUN/checkpoint.pt of a {kind} run of this project")
     refuse_changed_flags(path, ckpt["config"].get("experiment") or {}, experiment)
     return ckpt
 
@@ -229,8 +231,9 @@ def refuse_changed_flags(path, old, new):
     if changed:
         flags = "; ".join("--data (other cases or file sizes)" if k == "data" else
                           f"--{k.replace('_', '-')} was {old[k]}, now {new[k]}" for k in changed)
-        sys.exit(f"--resume {path}: the run was trained with other settings: {flags}. These change what is "
-                 f"trained: resume with the run's own flags (its config.json), or start a new run in another --out")
+        sys.exit(f"--resume {path}: the run was trained with other settings: {flags}. "
+                 f"These change what is trained: resume with the run's own flags (its config.json), "
+                 f"or start a new run in another --out")
 
 
 def begin(out, config, resumed):
@@ -332,6 +335,6 @@ def resume(ckpt, model, optimizer, scaler, generator, config):
     rank = dist.get_rank() if dist.is_initialized() else 0
     set_rng_state(ckpt["rng"], generator, rank)
     if old["world_size"] != config["world_size"] and rank == 0:
-        print(f"notice: resuming on {config['world_size']} processes instead of {old['world_size']}: the same "
-              f"global batch, but data order and augmentation draws differ from an uninterrupted run")
+        print(f"notice: resuming on {config['world_size']} processes instead of {old['world_size']}: the "
+              f"same global batch, but data order and augmentation draws differ from an uninterrupted run")
     return ckpt["epoch"], ckpt["step"]

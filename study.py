@@ -106,7 +106,8 @@ def experiment(script, argv):
     """what a script's flags train (run_folder.EXPERIMENT_FLAGS, the batch, the evaluation's padding),
     without what the study itself varies"""
     parsed = vars(script.parse_args(["--data", ".", *argv]))
-    varied = {"weights", "init", "label_fraction", "seed"} | ({"epochs"} if script is train_pretrain else set())
+    varied = ({"weights", "init", "label_fraction", "seed"}
+              | ({"epochs"} if script is train_pretrain else set()))
     keys = set(run_folder.EXPERIMENT_FLAGS) | {"batch_size", "min_size"}
     return {k: v for k, v in parsed.items() if k in keys - varied}
 
@@ -152,10 +153,10 @@ def execute(entry, s, args, tag):
                 return "stopped"
             if entry.kind == "finetune":  # the test patients, on the same device, without masks or pictures
                 evaluate.main(evaluate.parse_args([
-                    "--checkpoint", os.path.join(entry.folder, "best.pt"), "--data", s["data"], "--split", "test",
-                    "--out", os.path.join(entry.folder, "test"), "--min-size", str(parsed.min_size),
-                    "--device", parsed.device, "--amp", parsed.amp, "--outputs", "metrics", "--workers", "0",
-                    "--overwrite"]))
+                    "--checkpoint", os.path.join(entry.folder, "best.pt"), "--data", s["data"],
+                    "--split", "test", "--out", os.path.join(entry.folder, "test"),
+                    "--min-size", str(parsed.min_size), "--device", parsed.device, "--amp", parsed.amp,
+                    "--outputs", "metrics", "--workers", "0", "--overwrite"]))
         epochs = results.epoch_lines(entry.folder)
         timing = {"wall_s": time.time() - t0, "step_s": sum(r["time_s"] for r in epochs)}
         old = os.path.join(entry.folder, "timing.json")
@@ -266,7 +267,8 @@ def estimate(entries, s, device):
                                            device or given.device)
     n = count_slices(s["data"])
     steps = sum(given.epochs * (k * repeats // given.batch_size)
-                for e in entries if e.kind == "finetune" for k, repeats in [label_fraction_plan(n, e.fraction)])
+                for e in entries if e.kind == "finetune"
+                for k, repeats in [label_fraction_plan(n, e.fraction)])
     hours = steps * seconds / 3600
     return (f"estimate on {name}: {steps} fine-tuning steps x {seconds:.3g} s = {hours:.1f} h of steps, "
             f"{1.2 * hours:.1f} h with the 20% allowed for start-up, validation and evaluation (pretraining "
@@ -294,8 +296,10 @@ def parse_args(argv=None):
     p.add_argument("--study", required=True, help="the study folder")
     p.add_argument("--data", default=None, help="ACDC root (default: the phantom, data/acdc-synth)")
     p.add_argument("--strategies", type=listed(str), default=None,
-                   help="comma-separated --weights values or pretrain:INIT:EPOCHS (default: the paper's seven)")
-    p.add_argument("--fractions", type=listed(float), default=None, help="label fractions (default: the paper's)")
+                   help="comma-separated --weights values or pretrain:INIT:EPOCHS "
+                        "(default: the paper's seven)")
+    p.add_argument("--fractions", type=listed(float), default=None,
+                   help="label fractions (default: the paper's)")
     p.add_argument("--seeds", type=listed(int), default=None, help="seeds (default: the paper's ten)")
     p.add_argument("--lengths", type=listed(int), default=None,
                    help="pretraining epochs to fine-tune from, for each pretrain: strategy (the paper's: "
@@ -308,10 +312,13 @@ def parse_args(argv=None):
     p.add_argument("--keep", default="best-fp16", choices=["best-fp16", "best", "all", "none"],
                    help="what a finished run keeps besides logs and metrics: best.pt in fp16, in fp32, "
                         "everything (checkpoint.pt too), or no weights")
-    p.add_argument("--gpus", type=listed(str), default=None, help="a pool: one run on each (e.g. 0,1,2,3 or cpu,cpu)")
+    p.add_argument("--gpus", type=listed(str), default=None,
+                   help="a pool: one run on each (e.g. 0,1,2,3 or cpu,cpu)")
     p.add_argument("--index", type=training.number(int, 0), default=None, help="run only entry N of the plan")
-    p.add_argument("--device", default=None, help="the device of this process's runs (default: train_segment's)")
-    p.add_argument("--reference", default="supervised_imagenet", help="the strategy speed-ups are relative to")
+    p.add_argument("--device", default=None,
+                   help="the device of this process's runs (default: train_segment's)")
+    p.add_argument("--reference", default="supervised_imagenet",
+                   help="the strategy speed-ups are relative to")
     p.add_argument("--estimate", action="store_true", help="plan: time a few steps and estimate the study")
     argv = sys.argv[1:] if argv is None else list(argv)
     cut = argv.index("--") if "--" in argv else len(argv)
@@ -368,7 +375,8 @@ def report(entries, args):
     title = os.path.basename(os.path.abspath(args.study))
     for path in results.write_all(args.study, rows, missing, title, args.reference):
         print(f"wrote {path}")
-    print(f"{len(rows)} finished runs" + (f", {len(missing)} not finished (see results.md)" if missing else ""))
+    print(f"{len(rows)} finished runs"
+          + (f", {len(missing)} not finished (see results.md)" if missing else ""))
     return 0
 
 

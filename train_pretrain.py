@@ -2,7 +2,8 @@
 
     python train_pretrain.py --data data/acdc-synth --out runs/byol            # one device
     torchrun --nproc_per_node=4 train_pretrain.py --data DIR --out runs/byol   # DDP
-    python train_pretrain.py --init resnet50_imagenet.pth ...                 # hierarchical: ImageNet, then ACDC
+    # hierarchical: ImageNet, then ACDC
+    python train_pretrain.py --init resnet50_imagenet.pth ...
 
 Writes RUN/config.json, RUN/log.jsonl, RUN/checkpoint.pt (resumable: --resume auto) and
 RUN/backbone.pth, the target backbone in the form of the paper's byol_acdc_backbone_last.pth,
@@ -50,19 +51,22 @@ def parse_args(argv=None):
     # the paper's settings (solo-learn's BYOL on ACDC): 400 epochs from scratch, batch 128 per device
     training.add_common_args(p, out="runs/pretrain", epochs=400, batch_size=128)
     p.add_argument("--init", default="none",
-                   help="'none' (the paper's BYOL ACDC) or a backbone checkpoint to start from, e.g. ImageNet "
-                        "weights (the paper's hierarchical strategies then trained 25 epochs on ACDC)")
+                   help="'none' (the paper's BYOL ACDC) or a backbone checkpoint to start from, "
+                        "e.g. ImageNet weights "
+                        "(the paper's hierarchical strategies then trained 25 epochs on ACDC)")
     p.add_argument("--lr", type=number(float, above=0), default=0.5,
                    help="LARS base learning rate, scaled by global batch / 256 (paper: 0.5)")
-    p.add_argument("--weight-decay", type=number(float, 0), default=1e-5, help="LARS weight decay (paper: 1e-5)")
-    p.add_argument("--warmup-epochs", type=number(int, 0), default=10, help="linear warmup epochs (paper: 10)")
+    p.add_argument("--weight-decay", type=number(float, 0), default=1e-5,
+                   help="LARS weight decay (paper: 1e-5)")
+    p.add_argument("--warmup-epochs", type=number(int, 0), default=10,
+                   help="linear warmup epochs (paper: 10)")
     p.add_argument("--tau-base", type=number(float, 0, 1), default=0.99,
                    help="starting target momentum (paper: 0.99, to 1.0)")
     p.add_argument("--split", default="train", choices=["train", "train+val", "all"],
                    help="whose cine frames to pretrain on (the paper: the train patients only)")
     p.add_argument("--save-backbone-epochs", type=epoch_list, default="",
-                   help="comma-separated epochs after which to keep a copy backbone_epNNN.pth (e.g. 0,5,10,25; "
-                        "0: the initial weights)")
+                   help="comma-separated epochs after which to keep a copy backbone_epNNN.pth "
+                        "(e.g. 0,5,10,25; 0: the initial weights)")
     p.add_argument("--collapse-threshold", type=number(float, 0), default=0.01,
                    help="warn when the std of the normalised projections falls below this "
                         "(healthy: ~1/sqrt(256)=0.0625)")
@@ -77,7 +81,8 @@ def parse_args(argv=None):
 
 
 def make_views(batch, generator, run):
-    """two views of each slice, augmented on the device: (B, 1, H, W) raw -> 2 x (B, 1, size, size) normalised"""
+    """two views of each slice, augmented on the device:
+    (B, 1, H, W) raw -> 2 x (B, 1, size, size) normalised"""
     with torch.no_grad():
         views = [augment(batch["image"], batch["size"], generator, run.mean, run.std, out_size=run.args.size,
                          paper_uint8=run.args.paper_inputs) for _ in range(2)]
@@ -130,7 +135,8 @@ def train_one_epoch(model, byol, loader, optimizer, scaler, autocast, generator,
             record = {"epoch": epoch, "step": run.step, "loss": loss_now, "lr": lr, "tau": tau,
                       "proj_std": run.proj_std, "images_per_s": speed}
             if env.main:
-                bar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{lr:.3g}", tau=f"{tau:.4f}", img_s=f"{speed:.0f}")
+                bar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{lr:.3g}", tau=f"{tau:.4f}",
+                                img_s=f"{speed:.0f}")
                 run_folder.append_jsonl(run.log, record)
                 if run.proj_std < args.collapse_threshold:
                     tqdm.write(f"warning: projections collapsing (std {run.proj_std:.4f} < "
@@ -167,8 +173,8 @@ def main(args):
     # -------------------------------------------------------------------- model
     backbone = ARCHS[args.arch](in_chans=1)
     if args.init != "none" and not resume:  # the resumed state replaces the initial weights
-        backbone.load_state_dict(load_backbone(args.init, in_chans=1, trust=args.trust_checkpoint, arch=args.arch,
-                                               flag="--init"))
+        backbone.load_state_dict(load_backbone(args.init, in_chans=1, trust=args.trust_checkpoint,
+                                               arch=args.arch, flag="--init"))
     # the target starts as a copy of the online network
     byol, model = training.wrap(BYOL(backbone), env, args.compile)
 
@@ -198,14 +204,15 @@ def main(args):
     if env.main:
         if resume:
             print(f"resumed from {args.resume}: epoch {start_epoch}, step {run.step}")
-        print(f"BYOL pretraining: {args.arch} on {acdc.describe(args.data)}, {len(dataset)} unlabelled slices, "
-              f"{env.world_size} process(es), global batch {global_batch}, lr {lr:.4g}, {run.total_steps} steps, "
-              f"amp {amp}, device {env.device}")
+        print(f"BYOL pretraining: {args.arch} on {acdc.describe(args.data)}, "
+              f"{len(dataset)} unlabelled slices, {env.world_size} process(es), global batch {global_batch}, "
+              f"lr {lr:.4g}, {run.total_steps} steps, amp {amp}, device {env.device}")
         training.print_config(run.config)
         run_folder.begin(args.out, run.config, resume)
     keep = set(args.save_backbone_epochs)
     if 0 in keep and start_epoch == 0 and env.main:  # epoch 0: the initial weights, for the length study
-        run_folder.save_atomic(byol.target_backbone.state_dict(), os.path.join(args.out, "backbone_ep000.pth"))
+        run_folder.save_atomic(byol.target_backbone.state_dict(),
+                               os.path.join(args.out, "backbone_ep000.pth"))
 
     # -------------------------------------------------------------------- loop
     health = training.Health(env.device)
@@ -214,7 +221,8 @@ def main(args):
         # the batches this epoch already did before an interruption are skipped
         loader.sampler.set_epoch(epoch, skip=(run.step - epoch * steps_per_epoch) * args.batch_size)
         try:
-            stats = train_one_epoch(model, byol, loader, optimizer, scaler, autocast, generator, health, run, epoch)
+            stats = train_one_epoch(model, byol, loader, optimizer, scaler, autocast, generator, health,
+                                    run, epoch)
         except FloatingPointError as e:
             if env.main:
                 print(f"error: {e}", file=sys.stderr)

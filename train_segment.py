@@ -48,8 +48,10 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=number(float, above=0), default=1e-4, help="Adam learning rate (paper: 1e-4)")
     p.add_argument("--start-lr", type=number(float, 0), default=1e-6,
                    help="learning rate at the start of the warmup (paper: 1e-6)")
-    p.add_argument("--warmup-epochs", type=number(int, 0), default=10, help="linear warmup epochs (paper: 10)")
-    p.add_argument("--clip", type=number(float, above=0), default=5.0, help="gradient norm clipping (paper: 5)")
+    p.add_argument("--warmup-epochs", type=number(int, 0), default=10,
+                   help="linear warmup epochs (paper: 10)")
+    p.add_argument("--clip", type=number(float, above=0), default=5.0,
+                   help="gradient norm clipping (paper: 5)")
     p.add_argument("--crop-scale", type=number(float, high=1, above=0), nargs=2, default=(0.08, 1.0),
                    metavar=("MIN", "MAX"),
                    help="area range of the random resized crops (paper: 0.08 1.0); short runs learn faster "
@@ -97,7 +99,8 @@ def dice_loss(logits, labels, eps=1e-7):
 
 
 LOSSES = {"jaccard": jaccard_loss, "dice": dice_loss,
-          "ce+dice": lambda logits, labels: F.cross_entropy(logits.float(), labels) + dice_loss(logits, labels)}
+          "ce+dice": lambda logits, labels: (F.cross_entropy(logits.float(), labels)
+                                             + dice_loss(logits, labels))}
 
 
 # -----------------------------------------------------------------------------
@@ -141,7 +144,8 @@ def train_one_epoch(model, loader, optimizer, scaler, autocast, generator, healt
     loss_sum, steps, t0, seen = torch.zeros((), device=env.device), 0, time.perf_counter(), 0
     frozen = epoch < args.freeze_encoder_epochs
     for batch in bar:
-        lr = training.warmup_cosine(run.step, run.total_steps, run.warmup_steps, args.lr, start_lr=args.start_lr)
+        lr = training.warmup_cosine(run.step, run.total_steps, run.warmup_steps, args.lr,
+                                    start_lr=args.start_lr)
         for group in optimizer.param_groups:
             group["lr"] = 0.0 if frozen and group["name"] == "encoder" else lr
         images, labels = make_inputs(training.to_device(batch, env.device), generator, run)
@@ -160,8 +164,8 @@ def train_one_epoch(model, loader, optimizer, scaler, autocast, generator, healt
             speed = seen / (time.perf_counter() - t0)
             if env.main:
                 bar.set_postfix(progress(loss_now, lr, run.best, speed))
-                run_folder.append_jsonl(run.log, {"epoch": epoch, "step": run.step, "loss": loss_now, "lr": lr,
-                                                  "images_per_s": speed})
+                run_folder.append_jsonl(run.log, {"epoch": epoch, "step": run.step, "loss": loss_now,
+                                                  "lr": lr, "images_per_s": speed})
         if stop:
             run.stopped = True
             break
@@ -175,7 +179,8 @@ def validation_loader(dataset, run):
     are memory-mapped: workers would cost more to start each epoch than they save)"""
     env = run.env
     shard = torch.utils.data.Subset(dataset, range(env.rank, len(dataset), env.world_size))
-    return torch.utils.data.DataLoader(shard, batch_size=run.args.val_batch_size, collate_fn=slices.collate_slices)
+    return torch.utils.data.DataLoader(shard, batch_size=run.args.val_batch_size,
+                                       collate_fn=slices.collate_slices)
 
 
 def validate(model, loader, run):
@@ -187,11 +192,13 @@ def validate(model, loader, run):
     for batch in loader:
         batch = training.to_device(batch, env.device)
         h, w = batch["image"].shape[-2:]
+        # (B, H, W)
         valid = ((torch.arange(h, device=env.device)[None, :, None] < batch["size"][:, :1, None]) &
-                 (torch.arange(w, device=env.device)[None, None, :] < batch["size"][:, 1:, None]))  # (B, H, W)
+                 (torch.arange(w, device=env.device)[None, None, :] < batch["size"][:, 1:, None]))
         pred = predict_slices(model, batch["image"][:, 0], (run.mean, run.std), run.autocast,
                               min_size=args.min_size)  # (B, H, W)
-        counts += confusion(pred, torch.where(valid, batch["label"].long(), -1), len(CLASSES))  # -1: the padding
+        # -1: the padding
+        counts += confusion(pred, torch.where(valid, batch["label"].long(), -1), len(CLASSES))
     training.all_reduce(counts)
     inter = counts.diag().double()
     union = counts.sum(0).double() + counts.sum(1).double() - inter
@@ -205,8 +212,10 @@ def validate(model, loader, run):
 def adam(net, lr, device):
     """Adam over two groups (the encoder can be frozen by its learning rate); the fused kernel on GPUs"""
     groups = [{"name": "encoder", "params": list(net.encoder.parameters())},
-              {"name": "decoder", "params": [p for n, p in net.named_parameters() if not n.startswith("encoder.")]}]
-    return torch.optim.Adam(groups, lr=lr, **({"fused": True} if device.type == "cuda" else {"foreach": True}))
+              {"name": "decoder",
+               "params": [p for n, p in net.named_parameters() if not n.startswith("encoder.")]}]
+    return torch.optim.Adam(groups, lr=lr,
+                            **({"fused": True} if device.type == "cuda" else {"foreach": True}))
 
 
 def main(args):
@@ -229,7 +238,8 @@ def main(args):
         loaded = load_weights(net, args.weights, args.trust_checkpoint, flag="--weights")
     else:
         loaded = "nothing (random initialisation)"
-    net, model = training.wrap(net, env, args.compile)  # net: the plain module, for checkpoints and validation
+    # net: the plain module, for checkpoints and validation
+    net, model = training.wrap(net, env, args.compile)
 
     # -------------------------------------------------------------------- optimizer and schedule
     mean, std = training.normalisation(args)
@@ -239,9 +249,10 @@ def main(args):
                        loss_fn=LOSSES[args.loss], autocast=autocast, best=-1.0, best_epoch=-1,
                        log=os.path.join(args.out, "log.jsonl"), stop=training.StopSignal(), stopped=False)
     run.config = training.run_config(args, env, experiment=experiment, data=acdc.describe(args.data), amp=amp,
-                                     global_batch=args.batch_size * env.world_size, train_slices=len(train_set),
-                                     distinct_train_slices=len(train_set.chosen), val_slices=len(val_set),
-                                     steps_per_epoch=steps_per_epoch, total_steps=run.total_steps, weights=loaded,
+                                     global_batch=args.batch_size * env.world_size,
+                                     train_slices=len(train_set), distinct_train_slices=len(train_set.chosen),
+                                     val_slices=len(val_set), steps_per_epoch=steps_per_epoch,
+                                     total_steps=run.total_steps, weights=loaded,
                                      mean=run.mean, std=run.std, train_spacing=spacing)
     generator = torch.Generator(device=env.device).manual_seed(args.seed * 65536 + env.rank)
     meta = dict(arch=args.arch, in_chans=1, num_classes=len(CLASSES), mean=run.mean, std=run.std,
@@ -260,9 +271,10 @@ def main(args):
         if resume:
             print(f"resumed from {args.resume}: epoch {start_epoch}, step {run.step}")
         print(f"fine-tuning: U-Net {args.arch} on {acdc.describe(args.data)}, weights: {loaded}; "
-              f"{len(train_set.chosen)} distinct train slices x {train_set.repeats} = {len(train_set)} per epoch "
-              f"(label fraction {args.label_fraction}), {len(val_set)} validation slices, global batch "
-              f"{args.batch_size * env.world_size}, {run.total_steps} steps, amp {amp}, device {env.device}")
+              f"{len(train_set.chosen)} distinct train slices x {train_set.repeats} = {len(train_set)} "
+              f"per epoch (label fraction {args.label_fraction}), {len(val_set)} validation slices, "
+              f"global batch {args.batch_size * env.world_size}, {run.total_steps} steps, amp {amp}, "
+              f"device {env.device}")
         training.print_config(run.config)
         run_folder.begin(args.out, run.config, resume)
 
@@ -292,11 +304,12 @@ def main(args):
             run_folder.draw_curves(args.out, f"fine-tuning, {os.path.basename(os.path.abspath(args.out))}",
                                    [("loss", "training loss"), ("val_iou", "validation IoU")])
             val = (f", val IoU {stats['val_iou']:.4f} (RV {stats['val_iou_RV']:.3f}, "
-                   f"MYO {stats['val_iou_MYO']:.3f}, LV {stats['val_iou_LV']:.3f})" if "val_iou" in stats else "")
+                   f"MYO {stats['val_iou_MYO']:.3f}, LV {stats['val_iou_LV']:.3f})"
+                   if "val_iou" in stats else "")
             print(f"epoch {epoch}: loss {stats['loss']:.4f}{val}, {stats['images_per_s']:.0f} images/s")
         if run.stopped or (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-            run_folder.save_checkpoint(os.path.join(args.out, "checkpoint.pt"), "segmentation", net, optimizer,
-                                       scaler, generator, epoch + done, run.step, **meta)
+            run_folder.save_checkpoint(os.path.join(args.out, "checkpoint.pt"), "segmentation", net,
+                                       optimizer, scaler, generator, epoch + done, run.step, **meta)
             # best.pt after checkpoint.pt: a resume from that checkpoint finds the best of its epochs
             if best is not None:
                 run_folder.save_atomic(best, os.path.join(args.out, "best.pt"))

@@ -55,8 +55,9 @@ def number(kind, low=None, high=None, above=None, multiple=None):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}") from None
-        if (not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high)
-                or (above is not None and value <= above) or (multiple and value % multiple)):
+        if (not math.isfinite(value) or (low is not None and value < low)
+                or (high is not None and value > high) or (above is not None and value <= above)
+                or (multiple and value % multiple)):
             raise argparse.ArgumentTypeError(f"{text}: expected {expected}")
         return value
     parse.__name__ = kind.__name__  # argparse names the type in some messages
@@ -65,45 +66,52 @@ def number(kind, low=None, high=None, above=None, multiple=None):
 
 def add_device_args(p):
     """--device, --amp, --compile, --trust-checkpoint: how any script runs a model"""
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: the local rank's GPU)")
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda or cuda:N (under torchrun: the local rank's GPU)")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                   help="mixed precision; auto: bf16 on a GPU that supports it, fp16 on other GPUs, off on CPU")
+                   help="mixed precision; auto: bf16 on a GPU that supports it, "
+                        "fp16 on other GPUs, off on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow full unpickling of checkpoints that hold more than tensors (runs code from the file)")
+                   help="allow full unpickling of checkpoints that hold more than tensors "
+                        "(runs code from the file)")
 
 
 def add_common_args(parser, *, out, epochs, batch_size, size=224, size_multiple=None):
     """the flags both training scripts share, with the same names"""
     p = parser
     p.add_argument("--data", default="data/acdc-synth",
-                   help="ACDC root (training/, testing/ or a folder holding them); the default is the phantom")
+                   help="ACDC root (training/, testing/ or a folder holding them); "
+                        "the default is the phantom")
     p.add_argument("--out", default=out, help="run folder for config.json, log.jsonl and checkpoints")
     p.add_argument("--epochs", type=number(int, 1), default=epochs, help="epochs to train")
     p.add_argument("--batch-size", type=number(int, 1), default=batch_size, help="slices per device per step")
     p.add_argument("--arch", default="auto", choices=["auto", "resnet18", "resnet34", "resnet50"],
-                   help="encoder; auto: the one in the starting weights (--weights, --init), else resnet50 (the "
-                        "paper's); 18/34 for quick runs")
+                   help="encoder; auto: the one in the starting weights (--weights, --init), else resnet50 "
+                        "(the paper's); 18/34 for quick runs")
     p.add_argument("--size", type=number(int, 32, multiple=size_multiple), default=size,
                    help="side of the random resized crops (the paper: 224)")
     add_device_args(p)
     p.add_argument("--workers", type=number(int, -1), default=-1,
                    help="data loader workers per process; -1: CPU cores / processes on this node, at most 8")
-    p.add_argument("--seed", type=number(int, 0), default=0, help="seed for initialisation, data order, augmentation")
+    p.add_argument("--seed", type=number(int, 0), default=0,
+                   help="seed for initialisation, data order, augmentation")
     p.add_argument("--resume", default=None,
                    help="RUN/checkpoint.pt to continue from, or 'auto' (the --out run's, if any)")
-    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out folder that holds another run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out folder that holds another run")
     p.add_argument("--save-every", type=number(int, 1), default=1,
                    help="write checkpoint.pt every N epochs (and at the end)")
     p.add_argument("--log-every", type=number(int, 1), default=20,
                    help="steps between progress updates and log.jsonl lines")
     p.add_argument("--stop-after", type=number(int, 0), default=0,
-                   help="stop after N steps in this invocation, writing checkpoint.pt (for time-limited jobs); "
-                        "0: never")
+                   help="stop after N steps in this invocation, writing checkpoint.pt "
+                        "(for time-limited jobs); 0: never")
     p.add_argument("--cache", default=None, help="folder for decoded slices (default: acdc.py's)")
     p.add_argument("--norm", default="published", choices=["published", "data"],
-                   help="input normalisation: the published models' ACDC statistics (mean 67.27, std 84.66), or "
-                        "those of --data's labelled train slices; pretraining and fine-tuning should use the same")
+                   help="input normalisation: the published models' ACDC statistics (mean 67.27, std 84.66), "
+                        "or those of --data's labelled train slices; "
+                        "pretraining and fine-tuning should use the same")
     p.add_argument("--dist-timeout", type=number(int, 1), default=600,
                    help="under torchrun: seconds to wait for every rank to join the process group")
     return p
@@ -111,7 +119,8 @@ def add_common_args(parser, *, out, epochs, batch_size, size=224, size_multiple=
 
 def normalisation(args):
     """(mean, std) of the raw intensities, as --norm asks; checkpoints store them for evaluate.py"""
-    return (acdc.MEAN, acdc.STD) if args.norm == "published" else slices.intensity_stats(args.data, args.cache)
+    return ((acdc.MEAN, acdc.STD) if args.norm == "published"
+            else slices.intensity_stats(args.data, args.cache))
 
 
 def arch_of_weights(args):
@@ -170,8 +179,9 @@ def ddp_environment():
         return None
     missing = [k for k in DDP_ENV if k not in os.environ]
     if missing:
-        sys.exit(f"RANK is set ({os.environ['RANK']}) but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
-                 f"not: start with torchrun, or unset RANK to run a single process")
+        sys.exit(f"RANK is set ({os.environ['RANK']}) but {', '.join(missing)} "
+                 f"{'is' if len(missing) == 1 else 'are'} not: start with torchrun, "
+                 f"or unset RANK to run a single process")
     try:
         rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     except ValueError:
@@ -368,18 +378,20 @@ class Health:
 
     def watch(self, loss, step):
         bad = ~torch.isfinite(loss.detach())
-        self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step), self.first_bad)
+        self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step),
+                                     self.first_bad)
 
     def check(self, loss, scaler, epoch):
         """at a logging interval, on every rank: raises FloatingPointError on a fault (on all ranks
         alike); -> this step's loss averaged over ranks"""
         first_bad = all_reduce(self.first_bad.clone(), dist.ReduceOp.MAX)
-        loss = all_reduce(loss.detach().float().clone()) / (dist.get_world_size() if dist.is_initialized() else 1)
+        loss = (all_reduce(loss.detach().float().clone())
+                / (dist.get_world_size() if dist.is_initialized() else 1))
         if first_bad >= 0:
             raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {int(first_bad)}: stopping; "
                                      f"the last good checkpoint.pt is kept")
         if scaler.is_enabled() and scaler.get_scale() < self.MIN_SCALE:
-            raise FloatingPointError(f"fp16 loss scale collapsed to {scaler.get_scale():.3g} at epoch {epoch}: "
-                                     f"the grad scaler skipped many steps in a row; try --amp bf16 or a lower "
-                                     f"learning rate")
+            raise FloatingPointError(f"fp16 loss scale collapsed to {scaler.get_scale():.3g} at epoch "
+                                     f"{epoch}: the grad scaler skipped many steps in a row; try --amp bf16 "
+                                     f"or a lower learning rate")
         return loss.item()

@@ -140,7 +140,8 @@ def status(source):
         return True, path  # extracted from the archive on first use
     if NAMES[name].url == DRIVE:
         return False, f"{name}: not in the cache; {by_hand(name)}"
-    return False, f"{name}: not in the cache yet; fetched on first use from {url_of(name)}, or {by_hand(name)}"
+    return False, (f"{name}: not in the cache yet; fetched on first use from {url_of(name)}, "
+                   f"or {by_hand(name)}")
 
 
 # -----------------------------------------------------------------------------
