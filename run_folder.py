@@ -248,6 +248,16 @@ def begin(out, config, resumed):
     files.write_json(os.path.join(out, "config.json"), config)
 
 
+def finish(out, stopped, step, names, summary):
+    """the run's last line (rank 0), naming only the files it wrote, and its lock given back"""
+    if stopped:
+        print(f"stopped at step {step}: {out}/checkpoint.pt written; continue with --resume auto")
+    else:
+        written = [name for name in names if os.path.exists(os.path.join(out, name))]
+        print(f"done: {summary}; in {out}: {', '.join(written)}")
+    unlock(out)
+
+
 def truncate_log(path, step, epoch):
     """keep the log lines up to the checkpoint's step and epoch: what came after is redone after a
     resume. Epoch lines (they have "steps") count by epoch, the others by step."""

@@ -320,6 +320,9 @@ def parse_args(argv=None):
     p.add_argument("--reference", default="supervised_imagenet",
                    help="the strategy speed-ups are relative to")
     p.add_argument("--estimate", action="store_true", help="plan: time a few steps and estimate the study")
+    p.add_argument("--count", action="store_true",
+                   help="plan: print only the number of entries and of pretrainings (first in the plan), for "
+                        "sbatch --array")
     argv = sys.argv[1:] if argv is None else list(argv)
     cut = argv.index("--") if "--" in argv else len(argv)
     args = p.parse_args(argv[:cut])
@@ -340,6 +343,9 @@ def main(args):
     once = s["train_args"]  # --stop-after is this invocation's, never the study's
     kept = [a for i, a in enumerate(once) if not (a == "--stop-after" or i and once[i - 1] == "--stop-after")]
     files.write_json(os.path.join(args.study, "study.json"), {**s, "train_args": kept})
+    if args.command == "plan" and args.count:
+        print(len(entries), sum(e.kind == "pretrain" for e in entries))
+        return 0
     print(f"study {args.study}: {acdc.describe(s['data'])}")
     if args.command == "plan":
         show_plan(entries)

@@ -239,18 +239,12 @@ def main(args):
             run_folder.save_atomic(byol.target_backbone.state_dict(),
                                    os.path.join(args.out, f"backbone_ep{epoch + 1:03d}.pth"))
         if run.stopped:
-            if env.main:
-                print(f"stopped at step {run.step}: {args.out}/checkpoint.pt written; "
-                      f"continue with --resume auto")
             break
 
     # -------------------------------------------------------------------- save and tear-down
-    if env.main and not run.stopped:
-        written = [f for f in ("backbone.pth", "checkpoint.pt", "curves.svg")
-                   if os.path.exists(os.path.join(args.out, f))]
-        print(f"done: in {args.out}: {', '.join(written)} (backbone.pth: the target backbone)")
     if env.main:
-        run_folder.unlock(args.out)
+        run_folder.finish(args.out, run.stopped, run.step, ["backbone.pth", "checkpoint.pt", "curves.svg"],
+                          "backbone.pth is the target backbone")
     return byol
 
 

@@ -315,19 +315,12 @@ def main(args):
                 run_folder.save_atomic(best, os.path.join(args.out, "best.pt"))
                 best = None
         if run.stopped:
-            if env.main:
-                print(f"stopped at step {run.step}: {args.out}/checkpoint.pt written; "
-                      f"continue with --resume auto")
             break
 
     # -------------------------------------------------------------------- save and tear-down
-    if env.main and not run.stopped:
-        written = [f for f in ("best.pt", "checkpoint.pt", "curves.svg")
-                   if os.path.exists(os.path.join(args.out, f))]
-        print(f"done: best validation IoU {run.best:.4f} at epoch {run.best_epoch}; in {args.out}: "
-              f"{', '.join(written)}")
     if env.main:
-        run_folder.unlock(args.out)
+        run_folder.finish(args.out, run.stopped, run.step, ["best.pt", "checkpoint.pt", "curves.svg"],
+                          f"best validation IoU {run.best:.4f} at epoch {run.best_epoch}")
     return net
 
 

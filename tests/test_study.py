@@ -28,6 +28,7 @@ def test_a_tiny_study_from_plan_to_report(tiny_acdc, tmp_path, capfd):
     assert study_py("plan") == 0
     out = capfd.readouterr().out
     assert "6 entries: " in out and out.index("pretraining pretrain:none:1") < out.index("none, fraction 0.5")
+    assert study_py("plan", "--count") == 0 and capfd.readouterr().out == "6 1\n"  # for sbatch --array
     entries = grid.plan(folder, study.settings_of(study.parse_args(["plan", "--study", folder])))
     assert [e.kind for e in entries] == ["pretrain"] + ["finetune"] * 5
     waiting = next(i for i, e in enumerate(entries) if e.needs is not None)
