@@ -56,12 +56,13 @@ def plan(study, s):
 
 
 def missing_weights(entry):
-    """None, or one line saying which file a run's weights need and how to get it"""
+    """None, or one line saying which file a run's weights need and how to get it: a named file that
+    is not in the cache is fetched by the run's first use, unless it cannot be (Google Drive, offline)"""
     source = entry.weights if entry.kind == "pretrain" or entry.needs is None else None
     if source in (None, "none"):
         return None
     available, detail = weights.status(source)
-    return None if available else detail
+    return None if available or weights.downloadable(source) else detail
 
 
 def state(entry):

@@ -283,7 +283,7 @@ def show_plan(entries):
         print(f"{i:5d}  {now:<11} {label(e)}  {e.folder}")
     for strategy in dict.fromkeys(e.strategy for e in entries if state(e) == "unavailable"):
         entry = next(e for e in entries if e.strategy == strategy)
-        print(f"skipped: {strategy}: {missing_weights(entry)}")
+        print(f"skipped: {missing_weights(entry)}")
     print(f"{len(entries)} entries: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
 
 

@@ -124,6 +124,16 @@ def unknown(source):
     return f"{source}: no such file, and not a known name; the known names: {', '.join(NAMES)}"
 
 
+def offline():
+    return os.environ.get("SSL_MEDSEG_OFFLINE", "") not in ("", "0")
+
+
+def downloadable(source):
+    """whether resolve() would fetch this name by itself (not the Google Drive file, not offline)"""
+    name = name_of(source)
+    return name is not None and NAMES[name].url != DRIVE and not offline()
+
+
 def status(source):
     """-> (available, detail), looking only, never downloading: detail is the local path, or one line
     saying which file is missing and how to get it"""
@@ -140,6 +150,9 @@ def status(source):
         return True, path  # extracted from the archive on first use
     if NAMES[name].url == DRIVE:
         return False, f"{name}: not in the cache; {by_hand(name)}"
+    if offline():
+        return False, (f"{name}: not in the cache and downloads are off (SSL_MEDSEG_OFFLINE is set); "
+                       f"{by_hand(name)}")
     return False, (f"{name}: not in the cache yet; fetched on first use from {url_of(name)}, "
                    f"or {by_hand(name)}")
 
@@ -173,7 +186,7 @@ def resolve(source, download=True):
         return path
     if entry.url == DRIVE:
         raise WeightsError(f"{source}: not in the cache; {by_hand(name)}")
-    if os.environ.get("SSL_MEDSEG_OFFLINE", "") not in ("", "0") or not download:
+    if offline() or not download:
         why = "SSL_MEDSEG_OFFLINE is set" if download else "this only looks in the cache"
         raise WeightsError(f"{source}: not in the cache and downloads are off ({why}); {by_hand(name)}")
 
