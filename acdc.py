@@ -237,11 +237,14 @@ def cache_problem(entry):
             meta = json.load(f)
     except (OSError, ValueError):
         return "has no checksum beside it"
-    size = os.path.getsize(entry)
-    if size != meta["bytes"]:
-        return f"is {size} bytes, {meta['bytes']} when written (truncated?)"
-    if crc32_of(entry) != meta["crc32"]:
-        return "does not match its checksum (changed after it was written)"
+    try:
+        size = os.path.getsize(entry)
+        if size != meta["bytes"]:
+            return f"is {size} bytes, {meta['bytes']} when written (truncated?)"
+        if crc32_of(entry) != meta["crc32"]:
+            return "does not match its checksum (changed after it was written)"
+    except FileNotFoundError:  # another process replaced it just now
+        return "vanished while it was read"
     return None
 
 
@@ -264,15 +267,17 @@ def cached(path, kind, cache_dir):
         data = data.astype(np.float32)
     data = np.ascontiguousarray(data.swapaxes(0, 1).T)  # (X, Y, Z[, T]) -> ([T,] Z, X, Y)
     os.makedirs(cache_dir, exist_ok=True)
-    for old in glob.glob(os.path.join(cache_dir, glob.escape(base) + "-*")):
-        # an earlier entry of this file, unless another rank removed it first
+    for old in set(glob.glob(os.path.join(cache_dir, glob.escape(base) + "-*"))) - {out, out[:-4] + ".json"}:
+        # an earlier entry of this file, unless another process removed it first
         with suppress(FileNotFoundError):
             os.remove(old)
-    # another rank, or a run after a crash, never sees half a file; the checksum comes last, so an
-    # entry without one is incomplete
-    files.write_atomic(out, lambda tmp: np.save(tmp, data))
-    files.write_json(out[:-4] + ".json",
-                     {"source": path, "bytes": os.path.getsize(out), "crc32": crc32_of(out)})
+
+    def write(tmp):  # the checksum first, then the entry under its name: an entry always has one
+        np.save(tmp, data)
+        files.write_json(out[:-4] + ".json",
+                         {"source": path, "bytes": os.path.getsize(tmp), "crc32": crc32_of(tmp)})
+    # another process, or a run after a crash, never sees half a file
+    files.write_atomic(out, write)
     return out
 
 

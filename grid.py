@@ -1,4 +1,4 @@
-"""A study's grid of runs: its entries, where each one runs, what state each one is in.
+"""A study's grid of runs: its entries, their folders, the state of each.
 
     entries = plan("studies/paper", settings)     # pretrainings first, then the grid, then the length study
     state(entries[5])                             # "done", "to do", "partial", "waiting", "running", ...
@@ -13,8 +13,10 @@ import sys
 from collections import namedtuple
 
 import nibabel as nib
+import torch
 
 import acdc
+import files
 import results
 import run_folder
 import weights
@@ -57,9 +59,12 @@ def plan(study, s):
 
 def missing_weights(entry):
     """None, or one line saying which file a run's weights need and how to get it: a named file that
-    is not in the cache is fetched by the run's first use, unless it cannot be (Google Drive, offline)"""
-    source = entry.weights if entry.kind == "pretrain" or entry.needs is None else None
-    if source in (None, "none"):
+    is not in the cache is fetched by the run's first use, unless it cannot be (Google Drive, offline);
+    a fine-tuning from a pretraining done here needs what that pretraining starts from"""
+    if entry.needs is not None:
+        return missing_weights(entry.needs)
+    source = entry.weights
+    if source == "none":
         return None
     available, detail = weights.status(source)
     return None if available or weights.downloadable(source) else detail
@@ -97,3 +102,42 @@ def count_slices(root):
     """train slices from the headers alone (decoding waits for the first run)"""
     return sum(nib.load(f.image).shape[2] for case in acdc.find_cases(root, split="train")
                for f in case.frames)
+
+
+# -----------------------------------------------------------------------------
+# what a run folder keeps: its time, its outcome, its weights
+
+def add_time(folder, seconds):
+    """timing.json: wall time summed over every invocation that worked on the run; the time in its
+    training epochs, from its log -> the record"""
+    path = os.path.join(folder, "timing.json")
+    before = results.read_json(path)["wall_s"] if os.path.exists(path) else 0.0
+    log = os.path.join(folder, "log.jsonl")
+    step = sum(r["time_s"] for r in results.epoch_lines(folder)) if os.path.exists(log) else 0.0
+    timing = {"wall_s": before + seconds, "step_s": step}
+    files.write_json(path, timing)
+    return timing
+
+
+def failed_since(entry, t0):
+    """the run failed in another process of this pool after t0: not tried again now"""
+    path = os.path.join(entry.folder, "failed.txt")
+    return os.path.exists(path) and os.path.getmtime(path) > t0
+
+
+def keep(entry, what):
+    """a finished run keeps its logs, metrics and (unless --keep none) best.pt, in fp16 by default"""
+    folder = entry.folder
+    if what == "all":
+        return
+    if os.path.exists(os.path.join(folder, "checkpoint.pt")):
+        os.remove(os.path.join(folder, "checkpoint.pt"))
+    best = os.path.join(folder, "best.pt")
+    if entry.kind == "pretrain" or not os.path.exists(best):
+        return
+    if what == "none":
+        os.remove(best)
+    elif what == "best-fp16":  # half the disk; checkpoints.py reads it back into fp32 networks
+        ckpt = torch.load(best, map_location="cpu", weights_only=True)
+        ckpt["model"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+        run_folder.save_atomic(ckpt, best)

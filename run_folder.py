@@ -13,6 +13,7 @@ fine-tuning, backbone.pth of pretraining). The rules:
 - --resume continues only the same experiment: any flag that changes what is trained must match.
 """
 import atexit
+import contextlib
 import json
 import os
 import random
@@ -56,7 +57,7 @@ def _owner_record(started):
 
 
 def read_owner(path):
-    """the lock file's record, or None when there is none"""
+    """the lock file's record; None when there is no lock file, {} when it cannot be read"""
     for _ in range(20):  # a new lock's owner may not have written its record yet: read again shortly
         try:
             with open(path) as f:
@@ -65,7 +66,7 @@ def read_owner(path):
             return None
         except (OSError, ValueError):
             time.sleep(0.05)
-    return None
+    return {}
 
 
 def _alive(pid):
@@ -79,13 +80,34 @@ def _alive(pid):
 
 
 def stale_reason(owner):
-    """why a lock's owner no longer holds it, or None while it does"""
-    if owner is None:
+    """why a lock's owner no longer holds it, or None while it does: on this host its process is
+    gone; on another (a shared cluster filesystem) its heartbeat is older than STALE_S"""
+    if not owner:
         return "unreadable lock file"
-    if owner.get("host") == socket.gethostname() and not _alive(int(owner.get("pid", -1))):
-        return f"process {owner.get('pid')} is gone"
+    if owner.get("host") == socket.gethostname():
+        return None if _alive(int(owner.get("pid", -1))) else f"process {owner.get('pid')} is gone"
     age = time.time() - float(owner.get("heartbeat", 0))
     return f"no heartbeat for {age:.0f} s" if age > STALE_S else None
+
+
+def take_over(path, owner):
+    """remove the stale lock `owner` left, unless another process has replaced it meanwhile. A second
+    lock file, taken with O_EXCL, makes this one process at a time: between reading a stale record and
+    removing it, another process could otherwise take over too and lose its fresh lock to this one."""
+    mutex = path + ".takeover"
+    try:
+        os.close(os.open(mutex, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:  # another process is taking over; one killed while doing so left it
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - os.path.getmtime(mutex) > 60:
+                os.remove(mutex)
+        time.sleep(0.1)
+        return
+    try:
+        if read_owner(path) == owner:  # still the stale record: nobody else took over
+            os.remove(path)
+    finally:
+        os.remove(mutex)
 
 
 def lock(folder):
@@ -109,7 +131,9 @@ def try_lock(folder):
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             owner = read_owner(path)
-            if owner and owner.get("host") == socket.gethostname() and owner.get("pid") == os.getpid():
+            if owner is None:  # released meanwhile: try again
+                continue
+            if owner.get("host") == socket.gethostname() and owner.get("pid") == os.getpid():
                 break  # left by this very process (an earlier call that ended in an exception)
             reason = stale_reason(owner)
             if reason is None:
@@ -118,11 +142,8 @@ def try_lock(folder):
                         f"process {owner['pid']}, started {owner['started']}, last heartbeat {age:.0f} s ago "
                         f"({path}); wait for it to finish or choose another --out")
             print(f"notice: taking over the stale lock of {folder} ({reason}; it was held by "
-                  f"{(owner or {}).get('host')} process {(owner or {}).get('pid')})")
-            try:
-                os.remove(path)
-            except FileNotFoundError:
-                pass  # another process took it over first: try again
+                  f"{owner.get('host')} process {owner.get('pid')})")
+            take_over(path, owner)
             continue
         with os.fdopen(fd, "w") as f:
             json.dump(_owner_record(started), f)
@@ -131,7 +152,10 @@ def try_lock(folder):
 
     def beat():  # the heartbeat: rewritten atomically, so the file always exists while held
         while not stop.wait(HEARTBEAT_S):
-            files.write_json(path, _owner_record(started))
+            try:
+                files.write_json(path, _owner_record(started))
+            except OSError:  # a full disk or a hiccup of a network filesystem: the next beat tries again
+                pass
     thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat {folder}")
     thread.start()
     _held[folder] = [1, stop, thread]
@@ -175,12 +199,13 @@ def prepare_run(args, kind, experiment):
     if is_main_process():
         lock(out)
         for name in os.listdir(out):  # .tmpPID.name: what a save killed mid-way left behind
-            if name.startswith(".tmp"):
-                os.remove(os.path.join(out, name))
+            if name.startswith(".tmp") and not name.endswith(LOCK):  # (not this run's heartbeat)
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(out, name))
     mine = os.path.join(out, "checkpoint.pt")
     path = (mine if os.path.exists(mine) else None) if args.resume == "auto" else args.resume
+    taken = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
     if path is None:
-        taken = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
         # --resume auto without a checkpoint restarts a run killed before its first one; never a
         # finished run whose checkpoint.pt was removed (the study runner keeps only the weights)
         weights = [f for f in ("best.pt", "backbone.pth") if f in taken]
@@ -193,6 +218,10 @@ def prepare_run(args, kind, experiment):
         return None
     if not os.path.exists(path):
         sys.exit(f"--resume {path}: file not found")
+    continues = os.path.exists(mine) and os.path.samefile(path, mine)  # this folder's own run
+    if not continues and taken and not args.overwrite:
+        sys.exit(f"--out {out} holds another run ({', '.join(taken)}): continuing --resume {path} there "
+                 f"would mix the two; choose another --out (or --overwrite)")
     ckpt = read_checkpoint(path, trust=args.trust_checkpoint)
     if ckpt.get("kind") == "segmentation" and "optimizer" not in ckpt:
         sys.exit(f"--resume {path}: this is the best U-Net of a fine-tuning run (weights only, no optimizer "
@@ -204,6 +233,7 @@ def prepare_run(args, kind, experiment):
         sys.exit(f"--resume {path}: {what}; "
                  f"--resume needs the RUN/checkpoint.pt of a {kind} run of this project")
     refuse_changed_flags(path, ckpt["config"].get("experiment") or {}, experiment)
+    ckpt["continues"] = continues  # (in memory only) whether the run goes on in its own folder
     return ckpt
 
 
@@ -238,8 +268,9 @@ def refuse_changed_flags(path, old, new):
 
 def begin(out, config, resumed):
     """the run is about to write its own files (rank 0): --overwrite removes the old run's files now;
-    a resumed run drops the log lines written after its checkpoint; config.json is written"""
-    if resumed is None:
+    a run resumed in its own folder drops the log lines written after its checkpoint; config.json is
+    written"""
+    if resumed is None or not resumed["continues"]:
         for name in os.listdir(out):
             if name in RUN_FILES or name.startswith("backbone_ep"):
                 os.remove(os.path.join(out, name))

@@ -8,27 +8,22 @@
     python study.py run --study studies/cpu --strategies none,pretrain:none:5 --fractions 0.1,1 --seeds 0,1 \\
         -- --arch resnet18 --size 64 --epochs 20           # after --: train_segment.py's other flags
 
-The grid is strategies x label fractions x seeds, each a fine-tuning (train_segment.py) then an
-evaluation on the test patients (evaluate.py), in STUDY/runs/<strategy>/fraction-F/seed-S. A
-strategy is what --weights accepts (a published name, a file, none) or pretrain:INIT:EPOCHS, a
-BYOL pretraining done here first (STUDY/pretrain/...), from INIT (none: random; or a name or file)
-for EPOCHS epochs; --lengths adds the pretraining-length study, fine-tuning from the copies of
-each such backbone saved at those epochs. Defaults are the paper's grid (700 fine-tunings).
-
-A run is done when its result.json exists and never redone; an interrupted one resumes from its
-checkpoint.pt; a failed one is reported and the others go on. Every run folder is locked by the
-process working in it (run_folder.py), so any number of `run` processes share a study safely.
-The study folder records its settings (study.json): running it with other ones is refused.
+The grid (grid.py) is strategies x label fractions x seeds, each a fine-tuning (train_segment.py)
+then an evaluation on the test patients (evaluate.py); a strategy pretrain:INIT:EPOCHS is a BYOL
+pretraining done first; --lengths adds the pretraining-length study. Defaults: the paper's grid.
+A finished run is never redone, an interrupted one resumes, a failed one is reported while the
+others go on; each run folder's lock lets any number of `run` processes share a study. The study
+folder records its settings (study.json): running it with other ones is refused.
 """
 import argparse
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
 import traceback
 
-import torch
 
 import acdc
 import bench
@@ -39,7 +34,7 @@ import run_folder
 import train_pretrain
 import train_segment
 import training
-from grid import count_slices, finished, label, missing_weights, plan, state
+from grid import add_time, count_slices, failed_since, finished, keep, label, missing_weights, plan, state
 from slices import label_fraction_plan
 
 # the paper's grid: its encoder weights (supervised_imagenet is its "imagenet") and random initialisation,
@@ -82,10 +77,11 @@ def settings_of(args):
                 "fractions": PAPER_FRACTIONS, "seeds": PAPER_SEEDS, "lengths": [], "length_fractions": [1.0],
                 "length_seeds": [13], "train_args": [], "pretrain_args": ""}
     s = {k: given.get(k) if given.get(k) is not None else recorded.get(k, defaults[k]) for k in SETTINGS}
-    try:
-        s["data_fingerprint"] = acdc.fingerprint(s["data"])
-    except acdc.DatasetError as e:
-        sys.exit(f"error: --data: {e}")
+    if args.command != "report":  # a report reads the run folders only: the data may be elsewhere
+        try:
+            s["data_fingerprint"] = acdc.fingerprint(s["data"])
+        except acdc.DatasetError as e:
+            sys.exit(f"error: --data: {e}")
     return s
 
 
@@ -139,9 +135,12 @@ def execute(entry, s, args, tag):
     os.makedirs(entry.folder, exist_ok=True)
     if run_folder.try_lock(entry.folder):
         return "busy"
+    if os.path.exists(os.path.join(entry.folder, "result.json")):  # finished by another process meanwhile
+        run_folder.unlock(entry.folder, completely=True)
+        return "done"
     resuming = os.path.exists(os.path.join(entry.folder, "checkpoint.pt"))
     print(f"{tag} {label(entry)}: {'resuming' if resuming else 'starting'}", flush=True)
-    t0 = time.time()
+    t0, outcome = time.time(), "failed"
     try:
         with open(os.path.join(entry.folder, "output.log"), "a") as log, \
                 contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
@@ -149,48 +148,45 @@ def execute(entry, s, args, tag):
             script = train_segment if entry.kind == "finetune" else train_pretrain
             parsed = script.parse_args(argv)
             script.main(parsed)
+            listen(STOP)  # the script's own signal handlers end with its training
             if not finished(entry.folder, parsed.epochs):
-                return "stopped"
+                outcome = "stopped"
+                return outcome
             if entry.kind == "finetune":  # the test patients, on the same device, without masks or pictures
                 evaluate.main(evaluate.parse_args([
                     "--checkpoint", os.path.join(entry.folder, "best.pt"), "--data", s["data"],
                     "--split", "test", "--out", os.path.join(entry.folder, "test"),
                     "--min-size", str(parsed.min_size), "--device", parsed.device, "--amp", parsed.amp,
                     "--outputs", "metrics", "--workers", "0", "--overwrite"]))
-        epochs = results.epoch_lines(entry.folder)
-        timing = {"wall_s": time.time() - t0, "step_s": sum(r["time_s"] for r in epochs)}
-        old = os.path.join(entry.folder, "timing.json")
-        if os.path.exists(old):  # an earlier invocation worked on this run too
-            timing["wall_s"] += results.read_json(old)["wall_s"]
-        files.write_json(old, timing)
+        timing = add_time(entry.folder, time.time() - t0)
         files.write_json(os.path.join(entry.folder, "result.json"),
                          {"kind": entry.kind, "strategy": entry.strategy, **timing})
         keep(entry, args.keep)
-        return "done"
+        outcome = "done"
+        return outcome
     except (Exception, SystemExit) as e:  # a failed run is reported; the others go on
         files.write_text(os.path.join(entry.folder, "failed.txt"), f"{type(e).__name__}: {e}\n"
                          + traceback.format_exc())
-        return "failed"
+        return outcome
     finally:
+        listen(STOP)
+        if outcome != "done":  # a stopped or failed invocation's time counts too
+            add_time(entry.folder, time.time() - t0)
         run_folder.unlock(entry.folder, completely=True)
 
 
-def keep(entry, what):
-    """a finished run keeps its logs, metrics and (unless --keep none) best.pt, in fp16 by default"""
-    folder = entry.folder
-    if what == "all":
-        return
-    if os.path.exists(os.path.join(folder, "checkpoint.pt")):
-        os.remove(os.path.join(folder, "checkpoint.pt"))
-    best = os.path.join(folder, "best.pt")
-    if entry.kind == "pretrain" or not os.path.exists(best):
-        return
-    if what == "none":
-        os.remove(best)
-    elif what == "best-fp16":  # half the disk; checkpoints.py reads it back into fp32 networks
-        ckpt = torch.load(best, map_location="cpu", weights_only=True)
-        ckpt["model"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
-        run_folder.save_atomic(ckpt, best)
+STOPPING = {"requested": False}
+
+
+def STOP(signum, frame):
+    """SIGTERM / SIGUSR1 between runs (during a run, the training script's own handlers stop it after
+    its step): the study stops before its next run"""
+    STOPPING["requested"] = True
+
+
+def listen(handler):
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, handler)
 
 
 # -----------------------------------------------------------------------------
@@ -199,12 +195,15 @@ def keep(entry, what):
 def work(entries, s, args):
     """run what is not done, in plan order, until nothing is left that this process can do; runs
     other processes hold are waited for. -> (done, failed, stopped)"""
-    done, failed, tried = 0, [], set()
+    done, failed, tried, started = 0, [], set(), time.time()
+    listen(STOP)
     while True:
         waiting = False
         for i, entry in enumerate(entries):
+            if STOPPING["requested"]:
+                return done, failed, True
             now = state(entry)
-            if now in ("done", "unavailable") or i in tried:
+            if now in ("done", "unavailable") or i in tried or failed_since(entry, started):
                 continue
             if now == "waiting":
                 waiting = waiting or entries.index(entry.needs) not in tried  # a failed pretraining: none
@@ -238,21 +237,25 @@ def pool(args):
         cmd = [sys.executable, os.path.abspath(__file__), *args.study_argv, "--device",
                "cpu" if device == "cpu" else "cuda", "--", *(args.train_args or [])]
         procs.append(subprocess.Popen(cmd, env=env))
-    return max(p.wait() for p in procs)
+
+    def forward(signum, frame):  # a cluster's SIGTERM to this process reaches every worker
+        for proc in procs:
+            proc.send_signal(signum)
+    listen(forward)
+    codes = [p.wait() for p in procs]
+    # a failure (1) or a killed worker (< 0) wins over "try again later" (75) and success (0)
+    return 1 if any(c not in (0, WAITING) for c in codes) else max(codes)
 
 
 def run_index(entries, s, args):
     if not 0 <= args.index < len(entries):
         sys.exit(f"--index {args.index}: the plan has entries 0..{len(entries) - 1}")
-    entry = entries[args.index]
+    entry, tag = entries[args.index], f"[{args.index}/{len(entries)}]"
     now = state(entry)
-    print(f"[{args.index}/{len(entries)}] {label(entry)}: {now}")
     if now == "unavailable":
         sys.exit(f"error: {missing_weights(entry)}")
-    if now in ("waiting", "running"):
-        return WAITING
-    outcome = "done" if now == "done" else execute(entry, s, args, f"[{args.index}/{len(entries)}]")
-    print(f"[{args.index}/{len(entries)}] {label(entry)}: {outcome}")
+    outcome = now if now in ("done", "waiting", "running") else execute(entry, s, args, tag)
+    print(f"{tag} {label(entry)}: {outcome}")
     return {"done": 0, "failed": 1}.get(outcome, WAITING)
 
 
@@ -334,6 +337,8 @@ def parse_args(argv=None):
 
 
 def main(args):
+    if args.command == "report" and not os.path.exists(os.path.join(args.study, "study.json")):
+        sys.exit(f"error: --study {args.study}: no study.json there: plan or run a study first")
     s = settings_of(args)
     train_segment.parse_args(["--data", s["data"], *s["train_args"]])  # bad flags fail here, not in run 1
     entries = plan(args.study, s)
@@ -342,7 +347,8 @@ def main(args):
     os.makedirs(args.study, exist_ok=True)
     once = s["train_args"]  # --stop-after is this invocation's, never the study's
     kept = [a for i, a in enumerate(once) if not (a == "--stop-after" or i and once[i - 1] == "--stop-after")]
-    files.write_json(os.path.join(args.study, "study.json"), {**s, "train_args": kept})
+    if args.command != "report":  # (a report leaves the record as it is)
+        files.write_json(os.path.join(args.study, "study.json"), {**s, "train_args": kept})
     if args.command == "plan" and args.count:
         print(len(entries), sum(e.kind == "pretrain" for e in entries))
         return 0
@@ -359,10 +365,11 @@ def main(args):
         return pool(args)
     t0 = time.time()
     done, failed, stopped = work(entries, s, args)
-    wall = time.time() - t0
-    step = sum(results.read_json(os.path.join(e.folder, "timing.json"))["step_s"] for e in entries
-               if os.path.exists(os.path.join(e.folder, "timing.json")))
-    print(f"{done} runs done in {wall:.0f} s; time in training epochs over all finished runs {step:.0f} s")
+    timings = [results.read_json(os.path.join(e.folder, "timing.json")) for e in entries
+               if os.path.exists(os.path.join(e.folder, "timing.json"))]
+    wall, step = (sum(t[k] for t in timings) for k in ("wall_s", "step_s"))
+    print(f"{done} runs done in {time.time() - t0:.0f} s; over every run so far, {wall:.0f} s of wall time, "
+          f"{step:.0f} s of it in training epochs" + (f" (ratio {wall / step:.2f})" if step else ""))
     for entry in failed:
         tail = open(os.path.join(entry.folder, "failed.txt")).read().strip().splitlines()[-3:]
         print(f"failed: {label(entry)} ({entry.folder}/failed.txt, output.log):\n    " + "\n    ".join(tail))
@@ -375,7 +382,9 @@ def report(entries, args):
     rows, missing = [], []
     for e in entries:
         if e.kind == "finetune" and state(e) == "done":
-            rows.append(results.run_row(e.folder, e.strategy.split("@")[0], e.pretrain_epochs))
+            # a length run belongs to its pretraining's strategy
+            strategy = e.strategy if e.pretrain_epochs is None else e.needs.strategy
+            rows.append(results.run_row(e.folder, strategy, e.pretrain_epochs))
         elif e.kind == "finetune":
             missing.append(f"{label(e)}: {state(e)}")
     title = os.path.basename(os.path.abspath(args.study))

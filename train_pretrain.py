@@ -210,7 +210,7 @@ def main(args):
         training.print_config(run.config)
         run_folder.begin(args.out, run.config, resume)
     keep = set(args.save_backbone_epochs)
-    if 0 in keep and start_epoch == 0 and env.main:  # epoch 0: the initial weights, for the length study
+    if 0 in keep and run.step == 0 and env.main:  # epoch 0: the initial weights, for the length study
         run_folder.save_atomic(byol.target_backbone.state_dict(),
                                os.path.join(args.out, "backbone_ep000.pth"))
 
@@ -233,11 +233,11 @@ def main(args):
             run_folder.draw_curves(args.out, f"BYOL, {os.path.basename(os.path.abspath(args.out))}",
                                    [("loss", "BYOL loss"), ("lr", "learning rate"), ("proj_std", "proj_std")])
             print(f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['images_per_s']:.0f} images/s")
-        if run.stopped or (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-            save(run, byol, optimizer, scaler, generator, epoch + done)
-        if done and epoch + 1 in keep and env.main:
+        if done and epoch + 1 in keep and env.main:  # before checkpoint.pt: a crash in between loses neither
             run_folder.save_atomic(byol.target_backbone.state_dict(),
                                    os.path.join(args.out, f"backbone_ep{epoch + 1:03d}.pth"))
+        if run.stopped or (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+            save(run, byol, optimizer, scaler, generator, epoch + done)
         if run.stopped:
             break
 

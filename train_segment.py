@@ -262,9 +262,9 @@ def main(args):
     start_epoch = 0
     if resume:
         start_epoch, run.step = run_folder.resume(resume, net, optimizer, scaler, generator, run.config)
-        best = os.path.join(args.out, "best.pt")
-        if os.path.exists(best):
-            saved = read_checkpoint(best)
+        best_path = os.path.join(args.out, "best.pt")
+        if resume["continues"] and os.path.exists(best_path):
+            saved = read_checkpoint(best_path)
             run.best, run.best_epoch = saved["val"]["val_iou"], saved["epoch"]
     run.start_step = run.step
     if env.main:
@@ -308,12 +308,13 @@ def main(args):
                    if "val_iou" in stats else "")
             print(f"epoch {epoch}: loss {stats['loss']:.4f}{val}, {stats['images_per_s']:.0f} images/s")
         if run.stopped or (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-            run_folder.save_checkpoint(os.path.join(args.out, "checkpoint.pt"), "segmentation", net,
-                                       optimizer, scaler, generator, epoch + done, run.step, **meta)
-            # best.pt after checkpoint.pt: a resume from that checkpoint finds the best of its epochs
+            # best.pt before checkpoint.pt: a crash between the two loses neither (a resume from the
+            # older checkpoint redoes the same epochs exactly, so it finds the same best again)
             if best is not None:
                 run_folder.save_atomic(best, os.path.join(args.out, "best.pt"))
                 best = None
+            run_folder.save_checkpoint(os.path.join(args.out, "checkpoint.pt"), "segmentation", net,
+                                       optimizer, scaler, generator, epoch + done, run.step, **meta)
         if run.stopped:
             break
 

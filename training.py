@@ -112,8 +112,9 @@ def add_common_args(parser, *, out, epochs, batch_size, size=224, size_multiple=
                    help="input normalisation: the published models' ACDC statistics (mean 67.27, std 84.66), "
                         "or those of --data's labelled train slices; "
                         "pretraining and fine-tuning should use the same")
-    p.add_argument("--dist-timeout", type=number(int, 1), default=600,
-                   help="under torchrun: seconds to wait for every rank to join the process group")
+    p.add_argument("--dist-timeout", type=number(int, 1), default=1800,
+                   help="under torchrun: seconds any rank waits for the others, in the process group's "
+                        "set-up and in every collective (other ranks wait while rank 0 fills the slice cache)")
     return p
 
 
@@ -185,7 +186,8 @@ def ddp_environment():
     try:
         rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     except ValueError:
-        sys.exit(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers: {[os.environ[k] for k in DDP_ENV[:3]]}")
+        values = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        sys.exit(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers: {values}")
     if not 0 <= rank < world:
         sys.exit(f"RANK {rank} is not below WORLD_SIZE {world}: start with torchrun")
     return rank, world, local

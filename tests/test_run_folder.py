@@ -87,9 +87,13 @@ def test_resume_refuses_flags_that_change_what_is_trained(tiny_acdc, tmp_path, c
         run(tiny_acdc, out, "--resume", "auto", "--label-fraction", "1.0", "--loss", "dice")
     message = str(refused.value)
     assert "--label-fraction was 0.5, now 1.0" in message and "--loss was jaccard, now dice" in message
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text("{}")  # a folder holding another run
+    with pytest.raises(SystemExit, match="holds another run .* would mix the two"):
+        run(tiny_acdc, tmp_path / "other", "--resume", str(out / "checkpoint.pt"), "--label-fraction", "0.5")
     torch.save({"kind": "segmentation", "model": {}, "epoch": 0}, tmp_path / "best.pt")  # best.pt's form
     with pytest.raises(SystemExit, match="no optimizer state"):  # best.pt is not a checkpoint to resume
-        run(tiny_acdc, tmp_path / "other", "--resume", str(tmp_path / "best.pt"))
+        run(tiny_acdc, tmp_path / "third", "--resume", str(tmp_path / "best.pt"))
     # how it runs may change; so may the data's place (a copy on local scratch): it is the same data
     run(tiny_acdc, out, "--resume", "auto", "--label-fraction", "0.5", "--log-every", "2", "--workers", "1")
     config = json.load(open(out / "config.json"))
@@ -129,3 +133,29 @@ def test_log_truncation_keeps_what_the_checkpoint_holds(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in lines))
     run_folder.truncate_log(str(path), step=3, epoch=1)  # stopped after step 3, in epoch 1
     assert [json.loads(line) for line in open(path)] == lines[:4]
+
+
+RACER = """
+import sys, time
+sys.path.insert(0, {root!r})
+import run_folder
+real = run_folder.read_owner
+def slow(path):  # widen the window between reading a stale record and acting on it
+    owner = real(path)
+    time.sleep(0.2)
+    return owner
+run_folder.read_owner = slow
+got = run_folder.try_lock({folder!r}) is None
+time.sleep(1.5)  # hold it while the others try
+print("owner" if got else "refused", flush=True)
+"""
+
+
+def test_of_processes_racing_for_a_stale_lock_exactly_one_wins(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    write_lock(tmp_path / "run", pid=dead.pid)
+    code = RACER.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), folder=str(tmp_path / "run"))
+    racers = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    outcomes = [r.communicate(timeout=120)[0].split()[-1] for r in racers]
+    assert sorted(outcomes) == ["owner", "refused", "refused"], outcomes

@@ -81,10 +81,13 @@ def test_a_tiny_study_from_plan_to_report(tiny_acdc, tmp_path, capfd):
 
 def test_a_strategy_whose_weights_cannot_be_fetched_is_skipped_with_one_line(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty cache
-    settings = {"strategies": ["none", "resnet50_byol_imagenet2012.pth.tar", "supervised_imagenet"],
+    settings = {"strategies": ["none", "resnet50_byol_imagenet2012.pth.tar", "supervised_imagenet",
+                               "pretrain:resnet50_byol_imagenet2012.pth.tar:2"],
                 "fractions": [1.0], "seeds": [0], "lengths": [], "length_fractions": [1.0], "length_seeds": [13]}
     entries = grid.plan(str(tmp_path / "study"), settings)
-    assert [grid.state(e) for e in entries] == ["to do", "unavailable", "to do"]  # ImageNet: fetched when run
+    # ImageNet: fetched when run; the Google Drive file: never, nor is a pretraining from it or its fine-tuning
+    assert [grid.state(e) for e in entries] == ["unavailable", "to do", "unavailable", "to do", "unavailable"]
+    entries = entries[1:]
     assert "drive.google.com" in grid.missing_weights(entries[1])
     monkeypatch.setenv("SSL_MEDSEG_OFFLINE", "1")
     assert grid.state(entries[2]) == "unavailable"
