@@ -150,6 +150,10 @@ def markdown(rows, missing, title, reference, fraction_for_speed):
                  for (s, e), runs in sorted(group(length, "strategy", "pretrain_epochs").items())]
         parts += ["", "## Pretraining length", "", table(["pretraining", "pretraining epochs", "test IoU",
                                                           "epochs to 95%"], lines)]
+    wall, step = (sum(r[k] for r in rows if math.isfinite(r[k])) for k in ("wall_s", "step_s"))
+    if step:
+        parts += ["", "## Time", "", f"The runs' wall time {wall:.0f} s, of which {step:.0f} s in training epochs "
+                  f"(ratio {wall / step:.2f}): start-up, validation, evaluation and writing files took the rest."]
     if missing:
         parts += ["", "## Not finished", ""] + [f"- {m}" for m in missing]
     return "\n".join(parts) + "\n"
