@@ -37,9 +37,11 @@ def case_svg(path, title, rows):
     """rows of (caption, image, truth, prediction (X, Y, Z) each, slice index) -> an SVG: each row
     image | truth overlay | prediction overlay under its caption, intensities windowed at the
     1st/99th percentile of the volume. Slices are shown as the model sees them: X down, Y across."""
-    tiles, captions = [], []
+    tiles, captions, windowed = [], [], {}
     for caption, image, truth, pred, z in rows:
-        gray = pictures.grey(image)[:, :, z]
+        if id(image) not in windowed:  # one window per volume, computed once for its rows
+            windowed[id(image)] = pictures.grey(image)
+        gray = windowed[id(image)][:, :, z]
         tiles.append([gray.expand(3, -1, -1), pictures.overlay(gray, truth[:, :, z]),
                       pictures.overlay(gray, pred[:, :, z])])
         captions.append(caption)
@@ -97,8 +99,6 @@ def parse_args(argv=None):
                    help="replace the results of a finished evaluation in --out")
     training.add_device_args(p)
     inference.add_args(p)
-    p.add_argument("--workers", type=training.number(int, 0), default=2,
-                   help="processes reading the next volumes while the model runs")
     p.add_argument("--outputs", default="all", choices=["all", "metrics"],
                    help="all: masks and pictures too; metrics: metrics.json and metrics.csv only (the study "
                         "runner's choice, for hundreds of runs)")
@@ -207,9 +207,9 @@ def main(args):
                 name = f"patient{case.patient:03d}_frame{frame.frame:02d}"
                 files.write_nifti(os.path.join(out, f"{name}_pred.nii.gz"), pred_cpu.numpy(), image)
                 dice = ", ".join(f"{s} {row[f'dice_{s}']:.3f}" for s in STRUCTURES.values())
+                volume, labels = torch.from_numpy(image.data), torch.from_numpy(label.data)
                 tiles += [(f"{frame.phase} (frame {frame.frame}), "
-                           f"slice {z + 1} of {pred.shape[2]}: Dice {dice}",
-                           torch.from_numpy(image.data), torch.from_numpy(label.data), pred_cpu, z)
+                           f"slice {z + 1} of {pred.shape[2]}: Dice {dice}", volume, labels, pred_cpu, z)
                           for z in pictures.pick_slices(truth)]
         (ed_pred, ed_truth, ed_sp), (es_pred, es_truth, es_sp) = phases["ED"], phases["ES"]
         clinical.append((clinical_indices(ed_pred, es_pred, ed_sp, es_sp),

@@ -168,7 +168,8 @@ def fmt(values):
 
 
 def add_args(p):
-    """the flags of how evaluate.py and predict.py apply a model: --batch-size, --min-size, --norm, --tta"""
+    """the flags of how evaluate.py and predict.py apply a model: --batch-size, --min-size, --norm, --tta,
+    --workers"""
     p.add_argument("--batch-size", type=number(int, 1), default=32, help="slices per forward pass")
     p.add_argument("--min-size", type=number(int, 0), default=224,
                    help="pad slices to at least this size (the paper: 224, its training crop); "
@@ -180,3 +181,5 @@ def add_args(p):
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average the softmax probabilities of each slice and of its "
                         "horizontally flipped copy (twice the compute)")
+    p.add_argument("--workers", type=number(int, 0), default=2,
+                   help="processes reading the next volumes while the model runs")

@@ -250,8 +250,6 @@ def parse_args(argv=None):
                    help="write into an --out folder that already holds files (replacing same-named results)")
     training.add_device_args(p)
     inference.add_args(p)
-    p.add_argument("--workers", type=training.number(int, 0), default=2,
-                   help="processes reading the next scans while the model runs")
     return p.parse_args(argv)
 
 
