@@ -29,13 +29,6 @@ from tqdm import tqdm
 
 import files
 
-# mean and std of the raw intensities of ACDC's labelled train volumes (the paper's DATASET_MEAN/STD;
-# its code applied them through albumentations, which scales both by 255: see
-# checkpoints.normalisation_of). Pretraining, fine-tuning and evaluation here all use
-# (x - MEAN) / STD, so a fine-tuned encoder sees what it was pretrained on
-MEAN, STD = 67.27297657740893, 84.6606962344396
-
-
 class DatasetError(Exception):
     """a problem with the data on disk; the message names the file"""
 
@@ -52,10 +45,6 @@ def is_phantom(root):
 def describe(root):
     """'ROOT (a synthetic phantom)' or 'ROOT': how scripts name the data they read"""
     return os.path.abspath(root) + (" (synthetic phantom, not ACDC)" if is_phantom(root) else "")
-
-
-def normalize(x, mean=MEAN, std=STD):
-    return (x - mean) / std
 
 
 def split_of(patient_id):

@@ -26,6 +26,7 @@ import torch
 import acdc
 import inference
 import metrics
+import normalisation
 import phantom
 import slices
 import train_pretrain
@@ -105,7 +106,7 @@ def build(args, env, dataset_kind):
            step(inputs): its training step, amp)"""
     autocast, scaler, amp = training.autocast(env.device, args.amp)
     run = training.Run(args=SimpleNamespace(size=args.size, crop_scale=(0.08, 1.0), paper_inputs=False),
-                       env=env, mean=acdc.MEAN, std=acdc.STD)
+                       env=env, mean=normalisation.MEAN, std=normalisation.STD)
     # the scripts' models and optimizers, wrapped as they wrap them
     if dataset_kind == "pretrain":
         net, model = training.wrap(BYOL(ARCHS[args.arch](in_chans=1)), env, args.compile)

@@ -25,11 +25,10 @@ import math
 import pickle
 import zipfile
 from collections import Counter
-from collections.abc import Mapping
 
 import torch
 
-import acdc
+import normalisation
 import weights
 from resnet import ARCHS
 from unet import UNet
@@ -373,22 +372,6 @@ def load_weights(model, source, trust=False, flag=None, name=None):
     return f"the encoder from {name}; decoder and head start from random weights"
 
 
-def normalisation_of(ckpt):
-    """-> (mean, std, where they come from, in words): the input normalisation the checkpoint's model
-    was trained with. This project stores it. The paper's code normalised with albumentations'
-    Normalize, whose max_pixel_value (default 255) multiplies mean and std: its fine-tuned models
-    saw (x - 255 * MEAN) / (255 * STD), and their BatchNorm statistics expect that input, unless a
-    Lightning file's config (OmegaConf, which read_checkpoint reads as a plain dict) says otherwise."""
-    if ckpt.get("kind") == "segmentation":
-        return ckpt.get("mean", acdc.MEAN), ckpt.get("std", acdc.STD), "stored in the checkpoint"
-    hyper = ckpt.get("hyper_parameters")
-    config = hyper.get("config") if isinstance(hyper, Mapping) else None
-    scale = config.get("norm_max_pixel_value") if isinstance(config, Mapping) else None
-    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0:
-        return acdc.MEAN * scale, acdc.STD * scale, f"ACDC's statistics x {scale:g}, the checkpoint's config"
-    return acdc.MEAN * 255, acdc.STD * 255, "ACDC's statistics x 255, as the paper's code applied them"
-
-
 def load_unet(source, trust=False, num_classes=4, flag=None, name=None):
     """a segmentation checkpoint -> (UNet with its weights, on the CPU, (mean, std, where they come
     from) of its input normalisation); its encoder, input channels and classes are read from the weights"""
@@ -397,4 +380,4 @@ def load_unet(source, trust=False, num_classes=4, flag=None, name=None):
     state = load_segmentation(ckpt, flag=flag, name=name, in_chans=1, num_classes=num_classes)
     model = UNet(**unet_args(state))
     model.load_state_dict(state)
-    return model, normalisation_of(ckpt)
+    return model, normalisation.of_checkpoint(ckpt)

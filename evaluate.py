@@ -27,6 +27,7 @@ from tqdm import tqdm
 import acdc
 import files
 import inference
+import normalisation
 import pictures
 import training
 from metrics import (STRUCTURES, agreement, clinical_indices, mean_std, paper_iou_summary, score_volume,
@@ -174,7 +175,7 @@ def main(args):
                  f"segment it with predict.py")
     model, from_checkpoint = inference.load_model(args.checkpoint, device, trust=args.trust_checkpoint,
                                                   flag="--checkpoint")
-    norm = inference.normalisation(args.norm, from_checkpoint)
+    norm = normalisation.for_inference(args.norm, from_checkpoint)
     loader = torch.utils.data.DataLoader(CaseVolumes(cases), batch_size=None, collate_fn=as_is,
                                          num_workers=args.workers)
     net = torch.compile(model) if args.compile else model

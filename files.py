@@ -1,4 +1,4 @@
-"""Output files written atomically: text, JSON, CSV, NIfTI labels.
+"""Output files written atomically: text, JSON, CSV, NIfTI labels, torch objects; log lines appended.
 
 Every file goes to a temporary name in the same folder and is then renamed over the final one, so
 a crash or a kill never leaves half a file under the final name, and a reader sees the old file or
@@ -12,6 +12,7 @@ import os
 
 import nibabel as nib
 import numpy as np
+import torch
 
 
 def folder_problem(path):
@@ -46,6 +47,17 @@ def write_text(path, text):
         with open(tmp, "w") as f:
             f.write(text)
     write_atomic(path, write)
+
+
+def save_atomic(obj, path):
+    """torch.save, atomically (checkpoints, exported weights)"""
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def append_jsonl(path, record):
+    """one JSON line appended (log.jsonl)"""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def finite_or_none(obj):

@@ -140,4 +140,4 @@ def keep(entry, what):
     elif what == "best-fp16":  # half the disk; checkpoints.py reads it back into fp32 networks
         ckpt = torch.load(best, map_location="cpu", weights_only=True)
         ckpt["model"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
-        run_folder.save_atomic(ckpt, best)
+        files.save_atomic(ckpt, best)

@@ -6,19 +6,18 @@
 
 Each slice is zero-padded at the bottom and right to a multiple of 32 (the encoder's stride) and
 to at least 224 pixels (the paper's training crop), normalised, segmented, and its logits cropped
-back. Validation in train_segment.py, evaluate.py and predict.py all predict through here. Also
-here: the normalisation --norm chooses, and the geometry a model expects (the spacing range it was
-trained on, checked by geometry_warnings; scans are never resampled, as the paper did not).
+back. Validation in train_segment.py, evaluate.py and predict.py all predict through here, with the
+(mean, std) that normalisation.py chooses. Also here: the geometry a model expects (the spacing range
+it was trained on, checked by geometry_warnings; scans are never resampled, as the paper did not).
 """
-import argparse
 import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 
-import acdc
 import checkpoints
+import normalisation
 from training import number
 
 
@@ -50,9 +49,11 @@ def load_model(source, device, trust=False, flag=None, name=None):
 def logits_of(model, images, norm, autocast, min_size):
     """(B, H, W) raw intensities -> (B, C, H, W) logits, by the protocol the paper evaluated with:
     zero-padded at the bottom/right to a multiple of 32 and at least min_size (224, its training
-    crop), then normalised (the paper padded the raw image first), logits cropped back"""
+    crop), then normalised, logits cropped back. (The paper zero-padded the raw slice to 224, then
+    normalised, then padded to the multiple of 32 with zeros of the normalised input: README,
+    Faithfulness, Evaluation padding.)"""
     x, size = pad_to(images.float()[:, None], multiple=32, min_size=min_size)  # (B, 1, H', W')
-    x = acdc.normalize(x, *norm[:2])
+    x = normalisation.normalize(x, *norm[:2])
     x = x.contiguous(memory_format=torch.channels_last)
     with autocast():
         logits = model(x)  # (B, C, H', W')
@@ -60,7 +61,7 @@ def logits_of(model, images, norm, autocast, min_size):
 
 
 @torch.inference_mode()
-def predict_probabilities(model, images, norm=(acdc.MEAN, acdc.STD), autocast=contextlib.nullcontext,
+def predict_probabilities(model, images, norm=normalisation.PUBLISHED, autocast=contextlib.nullcontext,
                           min_size=224, tta=False):
     """(B, H, W) raw intensities -> (B, C, H, W) float32 softmax probabilities. tta: the mean of the
     probabilities of the slice and of its horizontally flipped copy (Y, the last axis, mirrored;
@@ -73,7 +74,7 @@ def predict_probabilities(model, images, norm=(acdc.MEAN, acdc.STD), autocast=co
 
 
 @torch.inference_mode()
-def predict_slices(model, images, norm=(acdc.MEAN, acdc.STD), autocast=contextlib.nullcontext, min_size=224,
+def predict_slices(model, images, norm=normalisation.PUBLISHED, autocast=contextlib.nullcontext, min_size=224,
                    tta=False):
     """(B, H, W) raw intensities -> (B, H, W) int64 labels (see logits_of for the protocol; tta:
     predict_probabilities' flips). norm: (mean, std[, where they come from])"""
@@ -82,7 +83,7 @@ def predict_slices(model, images, norm=(acdc.MEAN, acdc.STD), autocast=contextli
     return logits_of(model, images, norm, autocast, min_size).argmax(1)  # (B, H, W)
 
 
-def predict_volume(model, volume, device, norm=(acdc.MEAN, acdc.STD), autocast=contextlib.nullcontext,
+def predict_volume(model, volume, device, norm=normalisation.PUBLISHED, autocast=contextlib.nullcontext,
                    batch_size=32, min_size=224, tta=False):
     """(X, Y, Z) image volume or (X, Y, Z, T) cine (numpy or tensor, nibabel's axis order) -> labels of
     the same shape, uint8, on `device`, predicted slice by slice ([:, :, z(, t)], as acdc.py hands
@@ -93,39 +94,6 @@ def predict_volume(model, volume, device, norm=(acdc.MEAN, acdc.STD), autocast=c
     labels = [predict_slices(model, slices[i:i + batch_size], norm, autocast, min_size, tta)
               for i in range(0, len(slices), batch_size)]
     return torch.cat(labels).to(torch.uint8).permute(1, 2, 0).reshape(shape)  # (X, Y, Z[, T])
-
-
-# -----------------------------------------------------------------------------
-# the input normalisation, as --norm chooses it
-
-NORM_CHOICES = ("checkpoint", "published", "paper")
-
-
-def norm_flag(text):
-    """argparse type of --norm: checkpoint, published, paper, or MEAN,STD (numbers, STD > 0)"""
-    if text in NORM_CHOICES:
-        return text
-    try:
-        mean, std = (float(v) for v in text.split(","))
-    except ValueError:
-        mean = std = float("nan")
-    if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected checkpoint, published, paper or MEAN,STD "
-                                         f"(two numbers, STD > 0, e.g. 67.27,84.66)")
-    return mean, std
-
-
-def normalisation(choice, from_checkpoint):
-    """--norm's choice and the checkpoint's own (mean, std, source) -> (mean, std, source in words)"""
-    if choice == "checkpoint":
-        mean, std, source = from_checkpoint
-        return mean, std, f"the checkpoint's: {source}"
-    if choice == "published":
-        return acdc.MEAN, acdc.STD, "ACDC's published statistics (--norm published)"
-    if choice == "paper":
-        return (acdc.MEAN * 255, acdc.STD * 255,
-                "ACDC's statistics x 255, what the paper's fine-tuned models saw (--norm paper)")
-    return *choice, "given with --norm"
 
 
 # -----------------------------------------------------------------------------
@@ -174,10 +142,7 @@ def add_args(p):
     p.add_argument("--min-size", type=number(int, 0), default=224,
                    help="pad slices to at least this size (the paper: 224, its training crop); "
                         "0: to a multiple of 32 only")
-    p.add_argument("--norm", type=norm_flag, default="checkpoint",
-                   help="input normalisation (x - mean) / std: checkpoint (what the checkpoint stores or "
-                        "implies), published (ACDC's mean 67.27, std 84.66), paper (those x 255, what the "
-                        "paper's fine-tuned models saw), or MEAN,STD")
+    normalisation.add_inference_flag(p)
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average the softmax probabilities of each slice and of its "
                         "horizontally flipped copy (twice the compute)")

@@ -8,7 +8,8 @@ summary, volumes and clinical indices, the agreement of predicted with true indi
     paper_iou_summary(slice_iou(pred, truth))            # (Z, H, W) label maps -> the paper's numbers
 
 The Hausdorff distance follows medpy (which the ACDC challenge used); the paper's IoU protocol is
-per 2D slice, with the background class, a class absent from both counting as 1.0.
+per 2D slice, with the background class: in a slice's mean IoU a class absent from both prediction
+and truth counts as 1.0; the per-class figures leave those slices out.
 """
 import math
 
@@ -125,9 +126,10 @@ def slice_iou(pred, truth, num_classes=4):
 
 
 def paper_iou_summary(ious):
-    """(N slices, C) -> the paper's numbers: per-slice mean IoU (absent classes count as 1.0),
-    mean and std over slices (np.std's population std, as the paper computed it); with background
-    and over the structures alone; per-class means"""
+    """(N slices, C) -> the paper's numbers: per-slice mean IoU (a class absent from both counts as
+    1.0), mean and std over slices (np.std's population std, as the paper computed it); with
+    background and over the structures alone; per-class means over the slices where the class
+    occurs in the prediction or the truth (absent ones ignored, not 1.0)"""
     filled = ious.nan_to_num(1.0)
     with_bg, structures = filled.mean(1), filled[:, 1:].mean(1)
     return {"mean_iou_with_background": with_bg.mean().item(),

@@ -40,6 +40,7 @@ import acdc
 import checkpoints
 import files
 import inference
+import normalisation
 import pictures
 import training
 from metrics import ed_es_frames, indices_of_volumes, volumes_ml
@@ -281,7 +282,7 @@ def main(args):
     ckpt = checkpoints.read_checkpoint(args.checkpoint, args.trust_checkpoint, flag="--checkpoint")
     model, from_checkpoint = inference.load_model(ckpt, device, flag="--checkpoint", name=args.checkpoint)
     trained, spacing_source = inference.train_spacing(ckpt)
-    norm = inference.normalisation(args.norm, from_checkpoint)
+    norm = normalisation.for_inference(args.norm, from_checkpoint)
     net = torch.compile(model) if args.compile else model
     autocast, _, amp = training.autocast(device, args.amp)
     print(f"segmenting {len(scans)} files ({skipped} label files skipped) on {device}, amp {amp}, "

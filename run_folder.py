@@ -1,22 +1,35 @@
-"""A training run's folder: its lock, its files, its checkpoints, exact resume.
+"""A training run's life, in order: lock, start, steps, a signal, the checkpoint, resume, finish.
 
 A run folder (--out) holds config.json (every flag, the environment, derived numbers), log.jsonl
 (a line per logging interval and one per epoch), curves.svg (the log drawn, refreshed each epoch),
 checkpoint.pt (everything needed to continue exactly) and the exported weights (best.pt of
-fine-tuning, backbone.pth of pretraining). The rules:
+fine-tuning, backbone.pth of pretraining). Both training scripts live a run in this order:
 
-- one process owns a folder at a time: run.lock names its host and process and carries a
-  heartbeat; a second run is refused, a stale lock (its process gone, or no heartbeat for
-  STALE_S seconds, which covers other hosts on a shared filesystem) is taken over with a notice;
-- a folder that holds another run is never overwritten silently (--resume auto or --overwrite),
-  and --overwrite removes the old run only when the new one is about to write its own files;
-- --resume continues only the same experiment: any flag that changes what is trained must match.
+1. lock: one process owns a folder at a time. run.lock names its host and process and carries a
+   heartbeat; a second run is refused; a stale lock (its process gone, or no heartbeat for STALE_S
+   seconds, which covers other hosts on a shared filesystem) is taken over with a notice.
+2. start (prepare_run): what would lose or mix runs is refused before anything is written: a
+   folder holding another run without --resume auto or --overwrite, a --resume file that is not
+   this kind of checkpoint, or one trained with other experiment flags (EXPERIMENT_FLAGS).
+3. begin: --overwrite removes the old run's files only now, when the new run is about to write
+   its own; a resumed run drops the log lines written after its checkpoint; config.json is written.
+4. steps: the loop asks StopSignal.agreed() after every step. SIGTERM or SIGUSR1 (what clusters
+   send before a time limit) only set a flag: the run finishes its current step, and under DDP all
+   ranks stop after the same one.
+5. checkpoint (save_checkpoint): every --save-every epochs, at the end and when stopped, the
+   unwrapped model, optimizer, grad scaler, counters and every random state (each rank's
+   augmentation stream), written atomically. Its "epoch" is the next epoch to start, which is the
+   epoch still in progress when a run stopped mid-epoch; "step" counts the steps done.
+6. resume: --resume auto loads that checkpoint into a run of the same shape; the loader's sampler
+   skips the batches of the current epoch done before the stop (slices.SkipDoneSampler), so the
+   resumed run takes the same batches and random draws as an uninterrupted one.
+7. finish: one last line naming the files written, and the lock given back.
 """
 import atexit
 import contextlib
 import json
 import os
-import random
+import signal
 import socket
 import sys
 import threading
@@ -47,7 +60,7 @@ def is_main_process():
 
 
 # -----------------------------------------------------------------------------
-# the lock: one process per run folder
+# 1. the lock: one process per run folder
 
 _held = {}  # folder -> [times taken, stop event, heartbeat thread] of the locks this process holds
 
@@ -187,7 +200,7 @@ def unlock_all():
 
 
 # -----------------------------------------------------------------------------
-# starting a run: the decisions every rank takes alike before the process group exists
+# 2. start: the decisions every rank takes alike before the process group exists
 
 def prepare_run(args, kind, experiment):
     """-> the checkpoint dict to resume from, or None. Takes the folder's lock (rank 0), removes
@@ -266,6 +279,9 @@ def refuse_changed_flags(path, old, new):
                  f"or start a new run in another --out")
 
 
+# -----------------------------------------------------------------------------
+# 3. begin: the run writes its own files
+
 def begin(out, config, resumed):
     """the run is about to write its own files (rank 0): --overwrite removes the old run's files now;
     a run resumed in its own folder drops the log lines written after its checkpoint; config.json is
@@ -277,16 +293,6 @@ def begin(out, config, resumed):
     else:
         truncate_log(os.path.join(out, "log.jsonl"), resumed["step"], resumed["epoch"])
     files.write_json(os.path.join(out, "config.json"), config)
-
-
-def finish(out, stopped, step, names, summary):
-    """the run's last line (rank 0), naming only the files it wrote, and its lock given back"""
-    if stopped:
-        print(f"stopped at step {step}: {out}/checkpoint.pt written; continue with --resume auto")
-    else:
-        written = [name for name in names if os.path.exists(os.path.join(out, name))]
-        print(f"done: {summary}; in {out}: {', '.join(written)}")
-    unlock(out)
 
 
 def truncate_log(path, step, epoch):
@@ -302,16 +308,73 @@ def truncate_log(path, step, epoch):
 
 
 # -----------------------------------------------------------------------------
-# files: log, curves, checkpoints
+# 4. steps: a signal asks the run to stop after the current step
 
-def save_atomic(obj, path):
-    files.write_atomic(path, lambda tmp: torch.save(obj, tmp))
+class StopSignal:
+    """SIGTERM / SIGUSR1 (what clusters send before killing a job) ask the run to finish its step,
+    write checkpoint.pt and exit; --resume auto picks it up"""
+
+    def __init__(self, control=None):
+        self.requested, self.control = False, control  # control: training.Env.control
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self):
+        """whether to stop after this step. Under DDP every rank must stop after the same step (or the
+        others would wait in the next all-reduce): the flag is all-reduced each step over gloo, on the
+        host, so no rank waits for its GPU; a rank's signal stops all of them after the current step"""
+        if self.control is None or not dist.is_initialized():
+            return self.requested
+        flag = torch.tensor([float(self.requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control)
+        return bool(flag.item())
 
 
-def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+# -----------------------------------------------------------------------------
+# 5. the checkpoint, 6. resume, 7. finish
 
+def save_checkpoint(path, kind, model, optimizer, scaler, rng, epoch, step, **extra):
+    """everything needed to continue exactly: unwrapped model, optimizer, scaler, counters, RNG states
+    (training.rng_state, which every rank calls: it gathers them); rank 0 writes"""
+    if is_main_process():
+        files.save_atomic({"kind": kind, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "rng": rng, **extra}, path)
+
+
+def resume(ckpt, model, optimizer, scaler, config):
+    """load a checkpoint written by save_checkpoint into a run of the same shape -> (epoch, step); the
+    caller restores the random states (training.set_rng_state(ckpt["rng"], ...))"""
+    old = ckpt["config"]
+    # the batches an epoch holds must be the same, or the schedule and the epoch count would shift
+    for key in ("steps_per_epoch", "global_batch"):
+        if old[key] != config[key]:
+            sys.exit(f"--resume: {key} was {old[key]}, now {config[key]}; resume with the same global batch "
+                     f"(--batch-size x processes) and data")
+    unwrap(model).load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt["scaler"] and scaler.is_enabled():  # empty when the run was not fp16
+        scaler.load_state_dict(ckpt["scaler"])
+    if old["world_size"] != config["world_size"] and is_main_process():
+        print(f"notice: resuming on {config['world_size']} processes instead of {old['world_size']}: the "
+              f"same global batch, but data order and augmentation draws differ from an uninterrupted run")
+    return ckpt["epoch"], ckpt["step"]
+
+
+def finish(out, stopped, step, names, summary):
+    """the run's last line (rank 0), naming only the files it wrote, and its lock given back"""
+    if stopped:
+        print(f"stopped at step {step}: {out}/checkpoint.pt written; continue with --resume auto")
+    else:
+        written = [name for name in names if os.path.exists(os.path.join(out, name))]
+        print(f"done: {summary}; in {out}: {', '.join(written)}")
+    unlock(out)
+
+
+# -----------------------------------------------------------------------------
+# the log drawn: curves.svg
 
 def draw_curves(out, title, panels):
     """curves.svg from log.jsonl: panels is [(key, axis label)] of per-epoch values, one chart each"""
@@ -328,54 +391,3 @@ def draw_curves(out, title, panels):
             charts.append(chart.line([e for e, _ in points], [v for _, v in points], label))
     if charts:
         pictures.write_svg(os.path.join(out, "curves.svg"), charts, columns=len(charts))
-
-
-def rng_state(generator):
-    """every random state a step depends on, as tensors and plain values (weights_only loads it);
-    the augmentation streams of all ranks (each rank has its own), so every rank resumes its own"""
-    streams = [generator.get_state()]
-    if dist.is_initialized():
-        streams = [None] * dist.get_world_size()
-        dist.all_gather_object(streams, generator.get_state())  # a collective: every rank calls rng_state
-    state = {"python": list(random.getstate()[1]), "torch": torch.get_rng_state(), "augment": streams}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state, generator, rank):
-    random.setstate((3, tuple(state["python"]), None))
-    torch.set_rng_state(state["torch"])
-    if rank < len(state["augment"]):  # a rank the old run did not have keeps its fresh seed
-        generator.set_state(state["augment"][rank])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path, kind, model, optimizer, scaler, generator, epoch, step, **extra):
-    """everything needed to continue exactly: unwrapped model, optimizer, scaler, counters, RNG states.
-    Every rank calls it (the RNG states are gathered); rank 0 writes."""
-    rng = rng_state(generator)
-    if is_main_process():
-        save_atomic({"kind": kind, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "rng": rng, **extra}, path)
-
-
-def resume(ckpt, model, optimizer, scaler, generator, config):
-    """load a checkpoint written by save_checkpoint into a run of the same shape -> (epoch, step)"""
-    old = ckpt["config"]
-    # the batches an epoch holds must be the same, or the schedule and the epoch count would shift
-    for key in ("steps_per_epoch", "global_batch"):
-        if old[key] != config[key]:
-            sys.exit(f"--resume: {key} was {old[key]}, now {config[key]}; resume with the same global batch "
-                     f"(--batch-size x processes) and data")
-    unwrap(model).load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt["scaler"] and scaler.is_enabled():  # empty when the run was not fp16
-        scaler.load_state_dict(ckpt["scaler"])
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    set_rng_state(ckpt["rng"], generator, rank)
-    if old["world_size"] != config["world_size"] and rank == 0:
-        print(f"notice: resuming on {config['world_size']} processes instead of {old['world_size']}: the "
-              f"same global batch, but data order and augmentation draws differ from an uninterrupted run")
-    return ckpt["epoch"], ckpt["step"]

@@ -143,14 +143,6 @@ def collate_slices(items):
     return {**batch, **{key: [item[key] for item in items] for key in items[0] if key not in batch}}
 
 
-def intensity_stats(root, cache_dir=None):
-    """(mean, std) of the raw intensities of the labelled train slices, for data unlike ACDC"""
-    dataset = LabelledSlices(root, "train", cache_dir)
-    n, total, total_sq = np.sum([(x.size, x.sum(dtype=np.float64), np.square(x, dtype=np.float64).sum())
-                                 for x in (dataset._map(vol["cache"][0]) for vol in dataset.volumes)], 0)
-    return float(total / n), float(np.sqrt(total_sq / n - (total / n) ** 2))
-
-
 def spacing_range(volumes):
     """{"in_plane": [lo, hi], "between_slices": [lo, hi]} in mm over LabelledSlices.volumes: the
     geometry a model trained on them knows (predict.py warns about scans far outside it)"""
@@ -169,9 +161,9 @@ def default_workers(requested):
     return max(1, min(8, (os.cpu_count() or 1) // per_node))
 
 
-class EpochSampler(torch.utils.data.Sampler):
+class SkipDoneSampler(torch.utils.data.Sampler):
     """this rank's shard of one epoch (DistributedSampler: the order depends on seed and epoch
-    only), minus the samples already seen before an interruption"""
+    only), minus the samples of the batches done before a resume (set_epoch's skip)"""
 
     def __init__(self, sampler):
         self.sampler, self.skip = sampler, 0
@@ -194,6 +186,6 @@ def make_loader(dataset, batch_size, env, workers, seed):
         dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed, drop_last=True)
     workers = default_workers(workers)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=EpochSampler(sampler), num_workers=workers,
+        dataset, batch_size=batch_size, sampler=SkipDoneSampler(sampler), num_workers=workers,
         collate_fn=collate_slices, drop_last=True, pin_memory=env.device.type == "cuda",
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)

@@ -19,10 +19,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import acdc
+import files
+import normalisation
 import run_folder
 import slices
 import training
-from byol import BYOL, LARS, augment, lars_param_groups, tau_at
+from augment import augment
+from byol import BYOL, LARS, lars_param_groups, tau_at
 from checkpoints import load_backbone
 from resnet import ARCHS
 
@@ -137,7 +140,7 @@ def train_one_epoch(model, byol, loader, optimizer, scaler, autocast, generator,
             if env.main:
                 bar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{lr:.3g}", tau=f"{tau:.4f}",
                                 img_s=f"{speed:.0f}")
-                run_folder.append_jsonl(run.log, record)
+                files.append_jsonl(run.log, record)
                 if run.proj_std < args.collapse_threshold:
                     tqdm.write(f"warning: projections collapsing (std {run.proj_std:.4f} < "
                                f"{args.collapse_threshold}) at epoch {epoch}, step {run.step}")
@@ -153,10 +156,10 @@ def save(run, byol, optimizer, scaler, generator, epoch):
     """checkpoint.pt for resuming exactly, and backbone.pth in the paper's form (the target backbone);
     every rank calls it (the ranks' random states are gathered), rank 0 writes"""
     run_folder.save_checkpoint(os.path.join(run.args.out, "checkpoint.pt"), "byol", byol, optimizer, scaler,
-                               generator, epoch, run.step, config=run.config, arch=run.args.arch, in_chans=1,
-                               mean=run.mean, std=run.std, inputs=run.config["inputs"])
+                               training.rng_state(generator), epoch, run.step, config=run.config,
+                               arch=run.args.arch, in_chans=1, mean=run.mean, std=run.std, inputs=run.config["inputs"])
     if run.env.main:
-        run_folder.save_atomic(byol.target_backbone.state_dict(), os.path.join(run.args.out, "backbone.pth"))
+        files.save_atomic(byol.target_backbone.state_dict(), os.path.join(run.args.out, "backbone.pth"))
 
 def main(args):
     # -------------------------------------------------------------------- set-up: everything checked first
@@ -179,15 +182,13 @@ def main(args):
     byol, model = training.wrap(BYOL(backbone), env, args.compile)
 
     # -------------------------------------------------------------------- optimizer and schedule
-    # --paper-inputs: the views hold uint8 values, on which the paper's Normalize(67.27, 84.66) after
-    # ToTensor's / 255 is (x - 255 * 67.27) / (255 * 84.66)
-    mean, std = (255 * acdc.MEAN, 255 * acdc.STD) if args.paper_inputs else training.normalisation(args)
+    mean, std = normalisation.for_training(args)
     global_batch = args.batch_size * env.world_size
     lr = args.lr * global_batch / 256  # the paper's linear scaling rule
     optimizer = LARS(lars_param_groups(byol, args.weight_decay), lr=lr)
     run = training.Run(args=args, env=env, lr=lr, step=0, total_steps=args.epochs * steps_per_epoch,
                        warmup_steps=args.warmup_epochs * steps_per_epoch, mean=mean, std=std, proj_std=None,
-                       log=os.path.join(args.out, "log.jsonl"), stop=training.StopSignal(), stopped=False)
+                       log=os.path.join(args.out, "log.jsonl"), stop=run_folder.StopSignal(env.control), stopped=False)
     run.config = training.run_config(args, env, experiment=experiment, data=acdc.describe(args.data), amp=amp,
                                      global_batch=global_batch, lr_scaled=lr, slices=len(dataset),
                                      steps_per_epoch=steps_per_epoch, total_steps=run.total_steps,
@@ -199,7 +200,8 @@ def main(args):
     # -------------------------------------------------------------------- resume
     start_epoch = 0
     if resume:
-        start_epoch, run.step = run_folder.resume(resume, byol, optimizer, scaler, generator, run.config)
+        start_epoch, run.step = run_folder.resume(resume, byol, optimizer, scaler, run.config)
+        training.set_rng_state(resume["rng"], generator, env.rank)
     run.start_step = run.step
     if env.main:
         if resume:
@@ -211,14 +213,13 @@ def main(args):
         run_folder.begin(args.out, run.config, resume)
     keep = set(args.save_backbone_epochs)
     if 0 in keep and run.step == 0 and env.main:  # epoch 0: the initial weights, for the length study
-        run_folder.save_atomic(byol.target_backbone.state_dict(),
-                               os.path.join(args.out, "backbone_ep000.pth"))
+        files.save_atomic(byol.target_backbone.state_dict(), os.path.join(args.out, "backbone_ep000.pth"))
 
     # -------------------------------------------------------------------- loop
     health = training.Health(env.device)
     loader = slices.make_loader(dataset, args.batch_size, env, args.workers, args.seed)
     for epoch in range(start_epoch, args.epochs):
-        # the batches this epoch already did before an interruption are skipped
+        # after a mid-epoch resume, the sampler skips the batches this epoch did before the stop
         loader.sampler.set_epoch(epoch, skip=(run.step - epoch * steps_per_epoch) * args.batch_size)
         try:
             stats = train_one_epoch(model, byol, loader, optimizer, scaler, autocast, generator, health,
@@ -229,14 +230,15 @@ def main(args):
             sys.exit(1)
         done = run.step == (epoch + 1) * steps_per_epoch  # the epoch ran to its end
         if done and env.main:
-            run_folder.append_jsonl(run.log, stats)
+            files.append_jsonl(run.log, stats)
             run_folder.draw_curves(args.out, f"BYOL, {os.path.basename(os.path.abspath(args.out))}",
                                    [("loss", "BYOL loss"), ("lr", "learning rate"), ("proj_std", "proj_std")])
             print(f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['images_per_s']:.0f} images/s")
         if done and epoch + 1 in keep and env.main:  # before checkpoint.pt: a crash in between loses neither
-            run_folder.save_atomic(byol.target_backbone.state_dict(),
-                                   os.path.join(args.out, f"backbone_ep{epoch + 1:03d}.pth"))
+            files.save_atomic(byol.target_backbone.state_dict(),
+                              os.path.join(args.out, f"backbone_ep{epoch + 1:03d}.pth"))
         if run.stopped or (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+            # epoch + done: the next epoch to start (the one in progress when stopped mid-epoch)
             save(run, byol, optimizer, scaler, generator, epoch + done)
         if run.stopped:
             break

@@ -20,10 +20,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import acdc
+import files
+import normalisation
 import run_folder
 import slices
 import training
-from byol import augment
+from augment import augment
 from checkpoints import load_weights, read_checkpoint
 from inference import predict_slices
 from metrics import confusion
@@ -164,8 +166,8 @@ def train_one_epoch(model, loader, optimizer, scaler, autocast, generator, healt
             speed = seen / (time.perf_counter() - t0)
             if env.main:
                 bar.set_postfix(progress(loss_now, lr, run.best, speed))
-                run_folder.append_jsonl(run.log, {"epoch": epoch, "step": run.step, "loss": loss_now,
-                                                  "lr": lr, "images_per_s": speed})
+                files.append_jsonl(run.log, {"epoch": epoch, "step": run.step, "loss": loss_now,
+                                             "lr": lr, "images_per_s": speed})
         if stop:
             run.stopped = True
             break
@@ -242,12 +244,12 @@ def main(args):
     net, model = training.wrap(net, env, args.compile)
 
     # -------------------------------------------------------------------- optimizer and schedule
-    mean, std = training.normalisation(args)
+    mean, std = normalisation.for_training(args)
     optimizer = adam(net, args.lr, env.device)
     run = training.Run(args=args, env=env, step=0, total_steps=args.epochs * steps_per_epoch,
                        warmup_steps=args.warmup_epochs * steps_per_epoch, mean=mean, std=std,
                        loss_fn=LOSSES[args.loss], autocast=autocast, best=-1.0, best_epoch=-1,
-                       log=os.path.join(args.out, "log.jsonl"), stop=training.StopSignal(), stopped=False)
+                       log=os.path.join(args.out, "log.jsonl"), stop=run_folder.StopSignal(env.control), stopped=False)
     run.config = training.run_config(args, env, experiment=experiment, data=acdc.describe(args.data), amp=amp,
                                      global_batch=args.batch_size * env.world_size,
                                      train_slices=len(train_set), distinct_train_slices=len(train_set.chosen),
@@ -261,7 +263,8 @@ def main(args):
     # -------------------------------------------------------------------- resume
     start_epoch = 0
     if resume:
-        start_epoch, run.step = run_folder.resume(resume, net, optimizer, scaler, generator, run.config)
+        start_epoch, run.step = run_folder.resume(resume, net, optimizer, scaler, run.config)
+        training.set_rng_state(resume["rng"], generator, env.rank)
         best_path = os.path.join(args.out, "best.pt")
         if resume["continues"] and os.path.exists(best_path):
             saved = read_checkpoint(best_path)
@@ -283,7 +286,7 @@ def main(args):
     loader = slices.make_loader(train_set, args.batch_size, env, args.workers, args.seed)
     val_loader, best = validation_loader(val_set, run), None  # best: an improved best.pt not yet written
     for epoch in range(start_epoch, args.epochs):
-        # the batches this epoch already did before an interruption are skipped
+        # after a mid-epoch resume, the sampler skips the batches this epoch did before the stop
         loader.sampler.set_epoch(epoch, skip=(run.step - epoch * steps_per_epoch) * args.batch_size)
         try:
             stats = train_one_epoch(model, loader, optimizer, scaler, autocast, generator, health, run, epoch)
@@ -300,7 +303,7 @@ def main(args):
                                                           for k, v in net.state_dict().items()},
                         "epoch": epoch, "val": stats, **meta}
         if done and env.main:
-            run_folder.append_jsonl(run.log, stats)
+            files.append_jsonl(run.log, stats)
             run_folder.draw_curves(args.out, f"fine-tuning, {os.path.basename(os.path.abspath(args.out))}",
                                    [("loss", "training loss"), ("val_iou", "validation IoU")])
             val = (f", val IoU {stats['val_iou']:.4f} (RV {stats['val_iou_RV']:.3f}, "
@@ -311,10 +314,12 @@ def main(args):
             # best.pt before checkpoint.pt: a crash between the two loses neither (a resume from the
             # older checkpoint redoes the same epochs exactly, so it finds the same best again)
             if best is not None:
-                run_folder.save_atomic(best, os.path.join(args.out, "best.pt"))
+                files.save_atomic(best, os.path.join(args.out, "best.pt"))
                 best = None
+            # epoch + done: the next epoch to start (the one in progress when stopped mid-epoch)
             run_folder.save_checkpoint(os.path.join(args.out, "checkpoint.pt"), "segmentation", net,
-                                       optimizer, scaler, generator, epoch + done, run.step, **meta)
+                                       optimizer, scaler, training.rng_state(generator), epoch + done,
+                                       run.step, **meta)
         if run.stopped:
             break
 

@@ -1,9 +1,9 @@
 """The plumbing both training scripts share: common flags, DDP, mixed precision, schedule, loader, faults.
 
 In detail: the command-line flags they have in common, DDP set-up and tear-down, mixed precision,
-the warmup-cosine schedule, the data loader, graceful stop on a signal, and the health checks that
-stop a run on a non-finite loss. The run folder (its files, checkpoints and exact resume) is
-run_folder.py's.
+the warmup-cosine schedule, the random states a resume restores, and the health checks that stop a
+run on a non-finite loss. A run's life (lock, signals, checkpoints, resume) is run_folder.py's; the
+input normalisation is normalisation.py's.
 
 Plain functions, not a framework: train_pretrain.py and train_segment.py call them in the
 order they read (arguments -> distributed and AMP -> data -> model -> optimizer -> resume ->
@@ -14,7 +14,7 @@ import contextlib
 import datetime
 import math
 import os
-import signal
+import random
 import sys
 import time
 from dataclasses import dataclass
@@ -25,8 +25,8 @@ import torch.distributed as dist
 import acdc
 import checkpoints
 import files
+import normalisation
 import run_folder
-import slices
 from checkpoints import CheckpointError
 
 
@@ -108,20 +108,11 @@ def add_common_args(parser, *, out, epochs, batch_size, size=224, size_multiple=
                    help="stop after N steps in this invocation, writing checkpoint.pt "
                         "(for time-limited jobs); 0: never")
     p.add_argument("--cache", default=None, help="folder for decoded slices (default: acdc.py's)")
-    p.add_argument("--norm", default="published", choices=["published", "data"],
-                   help="input normalisation: the published models' ACDC statistics (mean 67.27, std 84.66), "
-                        "or those of --data's labelled train slices; "
-                        "pretraining and fine-tuning should use the same")
+    normalisation.add_training_flag(p)
     p.add_argument("--dist-timeout", type=number(int, 1), default=1800,
                    help="under torchrun: seconds any rank waits for the others, in the process group's "
                         "set-up and in every collective (other ranks wait while rank 0 fills the slice cache)")
     return p
-
-
-def normalisation(args):
-    """(mean, std) of the raw intensities, as --norm asks; checkpoints store them for evaluate.py"""
-    return ((acdc.MEAN, acdc.STD) if args.norm == "published"
-            else slices.intensity_stats(args.data, args.cache))
 
 
 def arch_of_weights(args):
@@ -166,10 +157,10 @@ class Env:
     local_rank: int
     device: torch.device
     main: bool  # rank 0: the only process that prints and writes files
+    control: object = None  # under DDP, a gloo group for host-side agreement (the stop flag), beside NCCL
 
 
 DDP_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-_control = None  # a gloo group for host-side agreement (the stop flag), beside NCCL on GPUs
 
 
 def ddp_environment():
@@ -194,7 +185,7 @@ def ddp_environment():
 
 
 def setup(device="auto", dist_timeout=600):
-    global _control
+    control = None
     ddp = ddp_environment()
     rank, world, local = ddp or (0, 1, 0)
     if device == "auto":
@@ -214,8 +205,8 @@ def setup(device="auto", dist_timeout=600):
         except Exception as e:  # the store's timeout, a refused connection, ...
             sys.exit(f"process group set-up failed after waiting up to --dist-timeout {dist_timeout} s for "
                      f"{world} ranks at {address} (this is rank {rank}): {' '.join(str(e).split())[:200]}")
-        _control = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
-    return Env(rank, world, local, torch.device(device), rank == 0)
+        control = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
+    return Env(rank, world, local, torch.device(device), rank == 0, control)
 
 
 def teardown():
@@ -344,30 +335,32 @@ def print_config(config):
 
 
 # -----------------------------------------------------------------------------
-# graceful stop and faults
+# random states, for exact resume (run_folder.py saves and loads them)
 
-class StopSignal:
-    """SIGTERM / SIGUSR1 (what clusters send before killing a job) ask the run to finish its step,
-    write checkpoint.pt and exit; --resume auto picks it up"""
+def rng_state(generator):
+    """every random state a step depends on, as tensors and plain values (weights_only loads it);
+    the augmentation streams of all ranks (each rank has its own), so every rank resumes its own"""
+    streams = [generator.get_state()]
+    if dist.is_initialized():
+        streams = [None] * dist.get_world_size()
+        dist.all_gather_object(streams, generator.get_state())  # a collective: every rank calls rng_state
+    state = {"python": list(random.getstate()[1]), "torch": torch.get_rng_state(), "augment": streams}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
 
-    def _handle(self, signum, frame):
-        self.requested = True
+def set_rng_state(state, generator, rank):
+    random.setstate((3, tuple(state["python"]), None))
+    torch.set_rng_state(state["torch"])
+    if rank < len(state["augment"]):  # a rank the old run did not have keeps its fresh seed
+        generator.set_state(state["augment"][rank])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
-    def agreed(self):
-        """whether to stop after this step. Under DDP every rank must stop after the same step (or the
-        others would wait in the next all-reduce): the flag is all-reduced each step over gloo, on the
-        host, so no rank waits for its GPU; a rank's signal stops all of them after the current step"""
-        if _control is None or not dist.is_initialized():
-            return self.requested
-        flag = torch.tensor([float(self.requested)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_control)
-        return bool(flag.item())
 
+# -----------------------------------------------------------------------------
+# faults
 
 class Health:
     """finds a non-finite loss and a collapsing fp16 loss scale without a host sync per step: flags

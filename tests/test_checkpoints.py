@@ -19,8 +19,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import resnet  # noqa: E402
 import acdc  # noqa: E402
+import normalisation  # noqa: E402
 from checkpoints import CheckpointError, adapt_conv1, load_backbone, load_segmentation, read_checkpoint  # noqa: E402
-from checkpoints import arch_of, load_unet, load_weights, normalisation_of, unet_args  # noqa: E402
+from checkpoints import arch_of, load_unet, load_weights, unet_args  # noqa: E402
 from unet import UNet  # noqa: E402
 
 # the reference key list (names and shapes of the published files), as the original code wrote them
@@ -459,7 +460,7 @@ def test_omegaconf_config_reads_as_plain_values_without_omegaconf(tmp_path):
 
     loaded = read_checkpoint(path)  # no omegaconf installed, nothing trusted
     assert loaded["hyper_parameters"] == {"config": config, "lr": 1e-4}
-    assert normalisation_of(loaded) == (acdc.MEAN, acdc.STD, "ACDC's statistics x 1, the checkpoint's config")
+    assert normalisation.of_checkpoint(loaded) == (normalisation.MEAN, normalisation.STD, "ACDC's statistics x 1, the checkpoint's config")
     assert torch.equal(load_backbone(path)["layer1.0.conv1.weight"], target["layer1.0.conv1.weight"])
     # the stand-ins never let code through: a payload beside the config is still refused
     ckpt["payload"] = Payload(tmp_path / "code_ran")

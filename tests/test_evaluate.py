@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import acdc
+import normalisation  # noqa: E402
 import evaluate as ev
 import phantom
 import training
@@ -36,7 +37,7 @@ def test_main_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"data: {data} (synthetic phantom, not ACDC)" in printed  # the data read, and what it is
     assert metrics["data"] == {"path": str(data), "synthetic_phantom": True}
-    assert "the checkpoint's: stored in the checkpoint" in printed and metrics["normalisation"]["mean"] == acdc.MEAN
+    assert "the checkpoint's: stored in the checkpoint" in printed and metrics["normalisation"]["mean"] == normalisation.MEAN
 
     out = run / "eval-best-test"  # the default: beside the checkpoint, named after it and the split
     metrics = json.loads((out / "metrics.json").read_text())

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import acdc
+import normalisation  # noqa: E402
 import inference
 import unet
 from inference import crop_to, pad_to
@@ -34,7 +35,7 @@ def test_predict_volume_keeps_orientation_and_crops_padding():
     volume = np.random.default_rng(0).uniform(0, 150, size=(40, 50, 3)).astype(np.float32)  # X, Y, Z
     pred = inference.predict_volume(Threshold(), volume, "cpu", batch_size=2)  # padded to 224 x 224, cropped back
     assert pred.shape == (40, 50, 3) and pred.dtype == torch.uint8
-    expected = np.where(acdc.normalize(volume) > 0, 3, 0)
+    expected = np.where(normalisation.normalize(volume, normalisation.MEAN, normalisation.STD) > 0, 3, 0)
     assert np.array_equal(pred.numpy(), expected)
 
 
@@ -46,7 +47,7 @@ def test_load_model_reads_the_papers_lightning_checkpoint(tmp_path):
     state = {"model." + k.replace("encoder.", "encoder.model.", 1): v for k, v in model.state_dict().items()}
     torch.save({"state_dict": state, "epoch": 3}, tmp_path / "paper.ckpt")
     loaded, norm = inference.load_model(str(tmp_path / "paper.ckpt"), torch.device("cpu"))
-    assert norm[:2] == (255 * acdc.MEAN, 255 * acdc.STD)  # albumentations' Normalize, max_pixel_value 255
+    assert norm[:2] == (255 * normalisation.MEAN, 255 * normalisation.STD)  # albumentations' Normalize, max_pixel_value 255
     x = torch.randn(1, 1, 32, 32)
     with torch.no_grad():
         assert torch.allclose(loaded(x), model(x), atol=1e-5)  # loaded in channels_last: same values
@@ -78,15 +79,15 @@ def test_tta_averages_the_flipped_probabilities():
 
 
 def test_norm_flag_and_normalisation():
-    assert inference.norm_flag("paper") == "paper" and inference.norm_flag("1.5,2") == (1.5, 2.0)
+    assert normalisation.inference_flag("paper") == "paper" and normalisation.inference_flag("1.5,2") == (1.5, 2.0)
     for bad in ("auto", "1", "1,0", "1,nan", "a,b"):
         with pytest.raises(argparse.ArgumentTypeError, match="expected checkpoint, published, paper or MEAN,STD"):
-            inference.norm_flag(bad)
+            normalisation.inference_flag(bad)
     stored = (1.0, 2.0, "stored in the checkpoint")
-    assert inference.normalisation("checkpoint", stored) == (1.0, 2.0, "the checkpoint's: stored in the checkpoint")
-    assert inference.normalisation("published", stored)[:2] == (acdc.MEAN, acdc.STD)
-    assert inference.normalisation("paper", stored)[:2] == (255 * acdc.MEAN, 255 * acdc.STD)
-    assert inference.normalisation((3.0, 4.0), stored) == (3.0, 4.0, "given with --norm")
+    assert normalisation.for_inference("checkpoint", stored) == (1.0, 2.0, "the checkpoint's: stored in the checkpoint")
+    assert normalisation.for_inference("published", stored)[:2] == (normalisation.MEAN, normalisation.STD)
+    assert normalisation.for_inference("paper", stored)[:2] == (255 * normalisation.MEAN, 255 * normalisation.STD)
+    assert normalisation.for_inference((3.0, 4.0), stored) == (3.0, 4.0, "given with --norm")
 
 
 def test_geometry_warnings_against_the_training_spacing():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import acdc
+import normalisation  # noqa: E402
 import evaluate
 import metrics
 import phantom
@@ -28,7 +29,7 @@ def setup(tmp_path_factory):
                           slices_range=(3, 4))
     torch.manual_seed(0)
     torch.save({"kind": "segmentation", "model": unet.UNet(arch="resnet18").state_dict(), "arch": "resnet18",
-                "in_chans": 1, "num_classes": 4, "mean": acdc.MEAN, "std": acdc.STD,
+                "in_chans": 1, "num_classes": 4, "mean": normalisation.MEAN, "std": normalisation.STD,
                 "train_spacing": {"in_plane": [1.2, 1.9], "between_slices": [5.0, 10.0]}}, root / "best.pt")
     return root, acdc.find_cases(str(root / "data"))[0]
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import acdc
+import normalisation  # noqa: E402
 import slices
 from test_acdc import one_patient
 
@@ -110,7 +111,7 @@ def test_dataloader_workers(phantom):
 
 
 def test_intensity_stats(phantom, tmp_path):
-    mean, std = slices.intensity_stats(phantom, cache_dir=str(tmp_path))
+    mean, std = normalisation.data_statistics(phantom, cache_dir=str(tmp_path))
     x = np.concatenate([acdc.read_volume(f.image).data.ravel().astype(np.float64)
                         for c in acdc.find_cases(phantom, split="train") for f in c.frames])
     assert np.isclose(mean, x.mean()) and np.isclose(std, x.std())

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import acdc
+import normalisation  # noqa: E402
 import slices
+import augment
 import byol
 import train_pretrain
 from checkpoints import load_backbone
@@ -77,13 +79,13 @@ def test_paper_inputs_reach_the_network(tiny_acdc, tmp_path, monkeypatch):
     seen = []
 
     def recording(*args, **kw):  # the views the network is fed
-        views = byol.augment(*args, **kw)
+        views = augment.augment(*args, **kw)
         seen.append(views)
         return views
     monkeypatch.setattr(train_pretrain, "augment", recording)
     out = tmp_path / "run"
     run(tiny_acdc, out, "--paper-inputs", "--epochs", "1", "--stop-after", "2")
-    mean, std = 255 * acdc.MEAN, 255 * acdc.STD  # the paper's Normalize(67.27, 84.66) after ToTensor's / 255
+    mean, std = normalisation.paper_scale()  # the paper's Normalize(67.27, 84.66) after ToTensor's / 255
     values = torch.cat(seen) * std + mean
     assert len(seen) == 4 and values.min() > -0.01 and values.max() < 255.01  # uint8 grey levels (x mod 256)
     assert torch.allclose(values, values.round(), atol=1e-2) and values.std() > 10

@@ -40,9 +40,9 @@ def test_prepare_run_refuses_another_run(tmp_path):
         run_folder.prepare_run(args(), "byol", {})
     assert run_folder.prepare_run(args("auto"), "byol", {}) is None  # nothing to resume yet
     ckpt = {"kind": "byol", "optimizer": {}, "config": {"experiment": {"seed": 0}}, "epoch": 1, "step": 3}
-    run_folder.save_atomic(ckpt, os.path.join(out, "checkpoint.pt"))
+    files.save_atomic(ckpt, os.path.join(out, "checkpoint.pt"))
     assert run_folder.prepare_run(args("auto"), "byol", {"seed": 0})["step"] == 3
-    run_folder.save_atomic({"x": torch.zeros(1)}, os.path.join(out, "best.pt"))
+    files.save_atomic({"x": torch.zeros(1)}, os.path.join(out, "best.pt"))
     assert run_folder.prepare_run(args(overwrite=True), "byol", {}) is None  # --overwrite: allowed ...
     assert "best.pt" in os.listdir(out)  # ... but nothing is removed until the new run writes its own
     run_folder.begin(out, {"b": 2}, None)
@@ -55,18 +55,18 @@ def test_prepare_run_refuses_another_run(tmp_path):
 
 def test_save_atomic_leaves_no_temporary(tmp_path):
     path = str(tmp_path / "c.pt")
-    run_folder.save_atomic({"w": torch.arange(3)}, path)
+    files.save_atomic({"w": torch.arange(3)}, path)
     assert os.listdir(tmp_path) == ["c.pt"]
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(3))
 
 
 def test_rng_state_round_trip_through_a_weights_only_file(tmp_path):
     g = torch.Generator().manual_seed(3)
-    run_folder.save_atomic(run_folder.rng_state(g), str(tmp_path / "rng.pt"))
+    files.save_atomic(training.rng_state(g), str(tmp_path / "rng.pt"))
     expected = (random.random(), torch.rand(2), torch.rand(2, generator=g))
     state = torch.load(str(tmp_path / "rng.pt"), weights_only=True)  # plain containers and tensors only
     random.seed(99), torch.manual_seed(99), g.manual_seed(99)
-    run_folder.set_rng_state(state, g, rank=0)
+    training.set_rng_state(state, g, rank=0)
     got = (random.random(), torch.rand(2), torch.rand(2, generator=g))
     assert got[0] == expected[0] and torch.equal(got[1], expected[1]) and torch.equal(got[2], expected[2])
 
@@ -103,7 +103,7 @@ def test_autocast_off_on_cpu_by_default():
 
 
 def test_epoch_sampler_orders_by_epoch_and_skips_what_was_seen():
-    sampler = slices.EpochSampler(torch.utils.data.DistributedSampler(range(10), num_replicas=1, rank=0, seed=3))
+    sampler = slices.SkipDoneSampler(torch.utils.data.DistributedSampler(range(10), num_replicas=1, rank=0, seed=3))
     sampler.set_epoch(2)
     whole = list(sampler)
     sampler.set_epoch(1)
