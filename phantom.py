@@ -1,14 +1,18 @@
 """The synthetic phantom: short-axis cine MRI in the exact ACDC layout, from a seed.
 
-    python phantom.py data/acdc-synth --patients 20 --seed 0     # and data/acdc-synth/montage.png
+    python phantom.py data/acdc-synth --patients 20 --seed 0     # and data/acdc-synth/montage.svg
 
 It writes what ACDC holds (training/patientNNN/Info.cfg, _4d cine, ED and ES frames with their
 _gt labels) with anatomy-like shapes: LV blood pool, myocardial ring, RV crescent against the
 septum, contraction from ED to ES, slices shrinking toward the apex, textured surroundings,
 Rician noise, a bias field and a per-patient intensity scale. Every code path runs on it and
 learning is measurable, but it is not ACDC: results on it say "synthetic phantom".
+Run again into a folder that holds this very phantom, it writes nothing; into any other non-empty
+folder, only with --overwrite, so the data under finished runs never changes by surprise.
 """
 import argparse
+import glob
+import json
 import os
 import sys
 
@@ -135,14 +139,13 @@ def write_phantom(root, patients=20, seed=0, size_range=(150, 300), frames_range
     prefix of a larger one."""
     os.makedirs(root, exist_ok=True)
     # the marker that tells every script (and a person browsing the folder) that this is not ACDC
-    files.write_json(os.path.join(root, acdc.PHANTOM_MARKER),
-                     {"what": "a synthetic phantom in the ACDC layout, written by phantom.py; not real MRI",
-                      "patients": patients, "seed": seed})
+    marker = {"what": "a synthetic phantom in the ACDC layout, written by phantom.py; not real MRI",
+              "patients": patients, "seed": seed, "complete": False}
+    files.write_json(os.path.join(root, acdc.PHANTOM_MARKER), marker)
     for patient in tqdm(range(1, patients + 1), desc="phantom", unit="patient", disable=None):
         rng = np.random.default_rng([seed, patient])
         cine, labels, es, spacing, group = _phantom_patient(rng, size_range, frames_range, slices_range)
-        name = f"patient{patient:03d}"
-        folder = os.path.join(root, "training" if patient <= 100 else "testing", name)
+        name, folder = f"patient{patient:03d}", patient_folder(root, patient)
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "Info.cfg"), "w") as f:
             f.write(f"ED: 1\nES: {es + 1}\nGroup: {group}\nHeight: {rng.uniform(150, 195):.1f}\n"
@@ -157,11 +160,31 @@ def write_phantom(root, patients=20, seed=0, size_range=(150, 300), frames_range
             image.header.set_xyzt_units("mm", "sec")
             path = os.path.join(folder, f"{name}_{stem}.nii.gz")
             files.write_atomic(path, lambda tmp: nib.save(image, tmp))
+    files.write_json(os.path.join(root, acdc.PHANTOM_MARKER), {**marker, "complete": True})  # last: all there
+
+
+def patient_folder(root, patient):
+    return os.path.join(root, "training" if patient <= 100 else "testing", f"patient{patient:03d}")
+
+
+def phantom_in(root):
+    """(patients, seed) of the complete phantom in `root`, or None. Complete: phantom.json says so
+    (written last); a phantom.json from before that field, when every patient's five NIfTI files are there."""
+    try:
+        with open(os.path.join(root, acdc.PHANTOM_MARKER)) as f:
+            marker = json.load(f)
+        found = int(marker["patients"]), marker["seed"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if "complete" not in marker:
+        marker["complete"] = all(len(glob.glob(os.path.join(patient_folder(root, p), "*.nii.gz"))) == 5
+                                 for p in range(1, found[0] + 1))
+    return found if marker["complete"] is True else None
 
 
 def write_montage(root, path, patients=3, tile=160):
-    """a PNG, a row a patient: ED slices from base to apex and a mid ES slice, each beside its labels"""
-    rows = []
+    """an SVG, a row a patient: ED slices from base to apex and a mid ES slice, each beside its labels"""
+    rows, captions = [], []
     for case in acdc.find_cases(root)[:patients]:
         tiles = []
         for f in case.frames:
@@ -170,23 +193,38 @@ def write_montage(root, path, patients=3, tile=160):
             Z = image.shape[2]
             for z in ((0, Z // 2, Z - 2) if f.phase == "ED" else (Z // 2,)):
                 gray = pictures.grey(image[:, :, z], low=0.0, high=0.995)
-                tiles += [pictures.square(t, tile) for t in (gray.expand(3, -1, -1),
-                                                             pictures.overlay(gray, label[:, :, z]))]
+                tiles += [gray.expand(3, -1, -1), pictures.overlay(gray, label[:, :, z])]
         rows.append(tiles)
-    pictures.write_png(path, pictures.montage(rows, gap=0))
+        captions.append(f"patient{case.patient:03d}: group {case.info.get('Group')}, {Z} slices, "
+                        f"{case.info.get('NbFrame')} frames, ED frame {case.ed}, ES frame {case.es}")
+    columns = [f"{c}{w}" for c in ("ED base", "ED mid", "ED near apex", "ES mid") for w in ("", ", labels")]
+    title = f"{root}: a synthetic phantom (not ACDC), its first {len(rows)} patients"
+    pictures.write_svg(path, [pictures.Tiles(rows, title, captions=captions, tile=tile, columns=columns)])
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Write a synthetic cardiac MRI phantom in the ACDC layout, "
-                                "and a picture of it, OUT/montage.png",
+                                "and a picture of it, OUT/montage.svg",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("out", help="folder to write: OUT/training/patientNNN/...")
     p.add_argument("--patients", type=int, default=20, help="number of patients, ids 001..N")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same data")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty folder that holds no "
+                   "phantom of these --patients and --seed (patients 1..N are replaced, other files stay)")
     args = p.parse_args(argv)
+    if problem := files.folder_problem(args.out):
+        sys.exit(f"error: {args.out}: {problem}")
+    found = phantom_in(args.out)
+    if found == (args.patients, args.seed):  # so the quickstart can run again
+        print(f"{args.out} already holds this phantom ({args.patients} patients, seed {args.seed}): nothing written")
+        return 0
+    if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
+        what = f"a phantom of {found[0]} patients, seed {found[1]}" if found else "no complete phantom"
+        sys.exit(f"error: {args.out} is not empty and holds {what}: pass --overwrite to write over it, "
+                 "or choose another folder")
     write_phantom(args.out, args.patients, args.seed)
-    write_montage(args.out, os.path.join(args.out, "montage.png"))
-    print(f"wrote {args.patients} patients under {args.out}; a look at them: {args.out}/montage.png")
+    write_montage(args.out, os.path.join(args.out, "montage.svg"))
+    print(f"wrote {args.patients} patients under {args.out}; a look at them: {args.out}/montage.svg")
     return 0
 
 

@@ -4,7 +4,7 @@
     chart = Chart("validation IoU, phantom", "epoch", "IoU")
     chart.line([0, 1, 2], [0.2, 0.5, 0.6], "BYOL ACDC", band=([...], [...]))
     write_svg("curves.svg", [chart])                                   # opens in any browser
-    write_svg("patient001.svg", [Tiles(rows, title=..., legend=LEGEND)])  # PNG tiles with SVG text
+    write_svg("x.svg", [Tiles(rows, title="x", captions=["ED", "ES"], columns=["slice 1 of 9", ...])])
 
 Everything is written by hand (zlib for PNG, text for SVG): no imaging or plotting library.
 """
@@ -219,25 +219,32 @@ class Chart:
 
 class Tiles:
     """rows of picture tiles ((3, H, W) uint8 tensors, embedded as PNG) with a caption per row, a
-    title and a colour legend, so a picture explains itself without any font code"""
+    label per column, a title, a subtitle and a colour legend, so a picture explains itself without
+    any font code"""
 
-    def __init__(self, rows, title="", legend=LEGEND, captions=None, tile=160, gap=4):
+    def __init__(self, rows, title="", legend=LEGEND, captions=None, tile=160, gap=4, columns=(), subtitle=""):
         self.rows, self.title, self.legend, self.tile, self.gap = rows, title, legend, tile, gap
-        self.captions = captions or [""] * len(rows)
+        self.captions, self.columns, self.subtitle = captions or [""] * len(rows), columns, subtitle
         # as wide as the tiles, or as the text (about 7 pixels a character at 12 px, 8.5 for the title)
-        text = max([8.5 * len(title)] + [7 * len(c) for c in self.captions])
+        text = max([8.5 * len(title), 7 * len(subtitle)] + [7 * len(c) for c in self.captions])
         self.width = round(max(max(len(r) for r in rows) * (tile + gap), text)) + 12
-        self.height = 48 + len(rows) * (tile + 22) + 10
+        self.head = 48 + 18 * bool(subtitle) + 18 * bool(columns)  # title, subtitle, legend, column labels
+        self.height = self.head + len(rows) * (tile + 22) + 10
 
     def svg(self, left=0, top=0):
         out = [f'<text x="{left + 6}" y="{top + 18}" font-size="14" font-weight="bold">'
                f'{esc(self.title)}</text>']
-        x = left + 6
+        if self.subtitle:
+            out.append(f'<text x="{left + 6}" y="{top + 36}" font-size="12">{esc(self.subtitle)}</text>')
+        x, y = left + 6, top + 28 + 18 * bool(self.subtitle)
         for name, colour in self.legend:
-            out += [f'<rect x="{x}" y="{top + 28}" width="12" height="12" fill="{colour}"/>',
-                    f'<text x="{x + 16}" y="{top + 39}" font-size="12">{esc(name)}</text>']
+            out += [f'<rect x="{x}" y="{y}" width="12" height="12" fill="{colour}"/>',
+                    f'<text x="{x + 16}" y="{y + 11}" font-size="12">{esc(name)}</text>']
             x += 24 + 8 * len(name)
-        y = top + 48
+        for i, name in enumerate(self.columns):  # centred above the tiles of their column
+            out.append(f'<text x="{left + 6 + i * (self.tile + self.gap) + self.tile / 2:.1f}" y="{y + 32}" '
+                       f'text-anchor="middle" font-size="12">{esc(name)}</text>')
+        y = top + self.head
         for tiles, caption in zip(self.rows, self.captions):
             out.append(f'<text x="{left + 6}" y="{y + 14}" font-size="12">{esc(caption)}</text>')
             for i, tile in enumerate(tiles):

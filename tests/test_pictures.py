@@ -59,13 +59,21 @@ def test_tiles_embed_png_pictures_with_text(tmp_path):
     import base64
     import xml.etree.ElementTree as ET
     tile = torch.randint(0, 256, (3, 20, 10), dtype=torch.uint8)
-    pictures.write_svg(str(tmp_path / "t.svg"), [pictures.Tiles([[tile, tile]], title="patient 1",
-                                                                 captions=["ED: Dice LV 0.91"], tile=40)])
+    panel = pictures.Tiles([[tile, tile], [tile, tile]], title="patient 1", captions=["ED: Dice LV 0.91", "ES"],
+                           tile=40, columns=["slice 2 of 9", "slice 5 of 9"], subtitle="EF LV 61 %")
+    pictures.write_svg(str(tmp_path / "t.svg"), [panel])
     root = ET.parse(tmp_path / "t.svg").getroot()
     ns = "{http://www.w3.org/2000/svg}"
     images = root.findall(f".//{ns}image")
-    assert len(images) == 2
+    assert len(images) == 4
     data = base64.b64decode(images[0].get("href").split(",", 1)[1])
     decoded = torchvision.io.decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8))
     assert decoded.shape == (3, 40, 40)
-    assert {"patient 1", "ED: Dice LV 0.91", "RV", "MYO", "LV"} <= {t.text for t in root.iter(f"{ns}text")}
+    texts = {t.text: t for t in root.iter(f"{ns}text")}
+    assert {"patient 1", "EF LV 61 %", "ED: Dice LV 0.91", "ES", "RV", "MYO", "LV"} <= set(texts)
+    # each column label centred above its column, the legend below the subtitle, every text above its tiles
+    column = texts["slice 5 of 9"]
+    assert float(column.get("x")) == float(images[1].get("x")) + 20 and column.get("text-anchor") == "middle"
+    assert float(texts["EF LV 61 %"].get("y")) < float(texts["RV"].get("y")) < float(column.get("y"))
+    assert float(column.get("y")) < float(texts["ED: Dice LV 0.91"].get("y")) < float(images[0].get("y"))
+    assert float(root.get("height")) >= float(images[3].get("y")) + 40
