@@ -1,4 +1,4 @@
-"""Output files written atomically: text, JSON, CSV, NIfTI labels, torch objects; log lines appended.
+"""Output files written atomically: text, JSON, CSV, NIfTI labels, torch objects; JSON-lines logs.
 
 Every file goes to a temporary name in the same folder and is then renamed over the final one, so
 a crash or a kill never leaves half a file under the final name, and a reader sees the old file or
@@ -83,6 +83,19 @@ def write_csv(path, rows, fields=None):
         w.writerow({k: (f"{v:.6g}" if math.isfinite(v) else "") if isinstance(v, float) else v
                     for k, v in r.items()})
     write_text(path, buf.getvalue())
+
+
+def read_jsonl(path):
+    """the records of a JSON-lines log (log.jsonl); a torn last line, what a kill or a full disk during
+    an append leaves, is left out with a one-line notice"""
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    records = [json.loads(line) for line in lines[:-1]]
+    try:
+        return records + [json.loads(line) for line in lines[-1:]]
+    except ValueError:
+        print(f"notice: {path}: its last line is torn (an append cut short): left out")
+        return records
 
 
 def write_nifti(path, labels, source):

@@ -1,4 +1,4 @@
-"""A study's grid of runs: its entries, their folders, the state of each.
+"""A study's grid of runs: its settings, its entries, their folders, the state of each.
 
     entries = plan("studies/paper", settings)     # pretrainings first, then the grid, then the length study
     state(entries[5])                             # "done", "to do", "partial", "waiting", "running", ...
@@ -6,8 +6,10 @@
 A strategy is a --weights value of train_segment.py (a published name, a file, none) or
 pretrain:INIT:EPOCHS, a BYOL pretraining done in the study first (STUDY/pretrain/<strategy>), from
 INIT for EPOCHS epochs; its fine-tunings wait for it. A run lives in
-STUDY/runs/<strategy>/fraction-F/seed-S and is done when its result.json exists.
+STUDY/runs/<strategy>/fraction-F/seed-S and is done when its result.json exists. The settings (the
+paper's by default) are checked when study.py parses them, and recorded in STUDY/study.json.
 """
+import argparse
 import os
 import sys
 from collections import namedtuple
@@ -19,9 +21,53 @@ import acdc
 import files
 import results
 import run_folder
+import training
 import weights
 
 Entry = namedtuple("Entry", "kind strategy fraction seed folder weights needs pretrain_epochs")
+
+# -----------------------------------------------------------------------------
+# the study's settings and their checks. The paper's: its encoder weights (supervised_imagenet is its
+# "imagenet") and random initialisation, label fractions and seeds; the pretraining-length study's epochs
+PAPER_STRATEGIES = ["none", "supervised_imagenet", "resnet50_byol_imagenet2012.pth.tar",
+                    "supervised-imagenet-byol-acdc-ep=25.pth", "byol-imagenet-acdc-ep=34.ckpt",
+                    "byol-imagenet-acdc-ep=25.pth", "byol_acdc_backbone_last.pth"]
+PAPER_FRACTIONS = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
+PAPER_SEEDS = [0, 13, 42, 123, 1111, 77, 62, 91, 7, 5]
+PAPER_LENGTHS = [*range(11), 12, 14, 16, 18, 20, 22, 24, 25, 50, 100, 200, 300, 400]
+# every setting study.json records (and the data's fingerprint), with its default
+DEFAULTS = {"data": "data/acdc-synth", "strategies": PAPER_STRATEGIES, "fractions": PAPER_FRACTIONS,
+            "seeds": PAPER_SEEDS, "lengths": [], "length_fractions": [1.0], "length_seeds": [13], "train_args": [],
+            "pretrain_args": ""}
+FRACTION, COUNT = training.number(float, above=0, high=1), training.number(int, 0)  # a seed or a length
+
+
+def listed(kind):
+    """an argparse type: a comma-separated list of `kind` values (kind refuses a bad one)"""
+    return lambda text: [kind(v) for v in text.split(",") if v.strip()]
+
+
+def strategy_type(text):
+    """an argparse type: a --weights value, or pretrain:INIT:EPOCHS with an integer EPOCHS >= 1"""
+    parts = text.split(":")
+    if parts[0] == "pretrain" and not (len(parts) == 3 and parts[2].isdigit() and int(parts[2]) >= 1):
+        raise argparse.ArgumentTypeError(f"{text}: expected pretrain:INIT:EPOCHS with an integer EPOCHS >= 1, "
+                                         "e.g. pretrain:none:400")
+    return text
+
+
+def recorded_settings(study):
+    """the settings in STUDY/study.json ({} before the first plan); a damaged one stops here, saying how
+    to write it again"""
+    path = os.path.join(study, "study.json")
+    try:
+        record = results.read_json(path) if os.path.exists(path) else {}
+        if not isinstance(record, dict):
+            raise ValueError("expected a JSON object")
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {path}: {e}. Move it aside and run `study.py plan` with the study's original flags: "
+                 "it is written again")
+    return record
 
 
 def slug(text):
@@ -33,11 +79,8 @@ def plan(study, s):
     entries, pretrain = [], {}
     for strategy in s["strategies"]:
         if strategy.startswith("pretrain:"):
-            try:
-                _, init, epochs = strategy.split(":")
-                epochs = int(epochs)
-            except ValueError:
-                sys.exit(f"--strategies {strategy}: expected pretrain:INIT:EPOCHS, e.g. pretrain:none:400")
+            _, init, epochs = strategy.split(":")  # checked by strategy_type
+            epochs = int(epochs)
             folder = os.path.join(study, "pretrain", slug(strategy))
             pretrain[strategy] = Entry("pretrain", strategy, None, None, folder, init, None, epochs)
     entries += pretrain.values()

@@ -34,8 +34,7 @@ def read_json(path):
 
 
 def epoch_lines(folder):
-    with open(os.path.join(folder, "log.jsonl")) as f:
-        return [r for r in map(json.loads, f) if "steps" in r]  # one line per epoch
+    return [r for r in files.read_jsonl(os.path.join(folder, "log.jsonl")) if "steps" in r]  # one line per epoch
 
 
 def epochs_to(curve, share):
@@ -49,32 +48,53 @@ def mean_of(*values):
     return sum(finite) / len(finite) if finite else float("nan")
 
 
+class DamagedFile(Exception):
+    """a finished run's file is missing or is not what the run writes; the message names it"""
+
+
 def run_row(folder, strategy, pretrain_epochs=None):
-    """the results.csv row of a finished run folder (train_segment.py then evaluate.py into test/)"""
-    config, metrics = read_json(os.path.join(folder, "config.json")), read_json(os.path.join(folder, "test",
-                                                                                          "metrics.json"))
-    timing = (read_json(os.path.join(folder, "timing.json"))
-              if os.path.exists(os.path.join(folder, "timing.json")) else {})
-    curve = [(r["epoch"], r["val_iou"]) for r in epoch_lines(folder) if r.get("val_iou") is not None]
-    best_epoch, best = max(curve, key=lambda c: c[1], default=(float("nan"), float("nan")))
-    challenge, paper = metrics["challenge"], metrics["paper_slice_iou"]
-    args = config["args"]
-    row = {"strategy": strategy, "weights": args["weights"], "fraction": args["label_fraction"],
-           "distinct_train_slices": config.get("distinct_train_slices", config["train_slices"]),
-           "seed": args["seed"], "epochs": args["epochs"], "steps": config["total_steps"],
-           "best_val_iou": best, "best_epoch": best_epoch,
-           "epochs_to_90": epochs_to(curve, 0.90), "epochs_to_95": epochs_to(curve, 0.95),
-           "test_iou_with_background": paper["mean_iou_with_background"],
-           "test_iou_structures": paper["mean_iou_structures"],
-           **{f"dice_{s}": mean_of(*(challenge[p][s]["dice"]["mean"] for p in ("ED", "ES")))
-              for s in STRUCTURES},
-           **{f"hd95_{s}": mean_of(*(challenge[p][s]["hd95"]["mean"] for p in ("ED", "ES")))
-              for s in STRUCTURES},
-           "mean_dice": metrics["mean_dice_structures"], "wall_s": timing.get("wall_s", float("nan")),
-           "step_s": timing.get("step_s", float("nan"))}
-    row["pretrain_epochs"] = pretrain_epochs  # for the pretraining-length table, not a results.csv column
-    row["curve"] = curve
+    """the results.csv row of a finished run folder (train_segment.py then evaluate.py into test/); a
+    missing or damaged file raises DamagedFile naming it"""
+    row = {"strategy": strategy, "pretrain_epochs": pretrain_epochs}  # (for the length table, not a column)
+    for name, fields in (("config.json", config_fields), ("test/metrics.json", metric_fields),
+                         ("timing.json", timing_fields), ("log.jsonl", curve_fields)):
+        path = os.path.join(folder, name)
+        try:
+            row.update(fields(path))
+        except (OSError, ValueError, LookupError, TypeError, AttributeError) as e:
+            raise DamagedFile(f"{path}: {type(e).__name__}: {getattr(e, 'strerror', None) or e}") from None
     return row
+
+
+def config_fields(path):
+    config = read_json(path)
+    args = config["args"]
+    return {"weights": args["weights"], "fraction": args["label_fraction"], "seed": args["seed"],
+            "distinct_train_slices": config.get("distinct_train_slices", config["train_slices"]),
+            "epochs": args["epochs"], "steps": config["total_steps"]}
+
+
+def metric_fields(path):
+    metrics = read_json(path)
+    challenge, paper = metrics["challenge"], metrics["paper_slice_iou"]
+    return {"test_iou_with_background": paper["mean_iou_with_background"],
+            "test_iou_structures": paper["mean_iou_structures"],
+            **{f"dice_{s}": mean_of(*(challenge[p][s]["dice"]["mean"] for p in ("ED", "ES"))) for s in STRUCTURES},
+            **{f"hd95_{s}": mean_of(*(challenge[p][s]["hd95"]["mean"] for p in ("ED", "ES"))) for s in STRUCTURES},
+            "mean_dice": metrics["mean_dice_structures"]}
+
+
+def timing_fields(path):
+    timing = read_json(path)
+    return {"wall_s": timing["wall_s"], "step_s": timing["step_s"]}
+
+
+def curve_fields(path):
+    """the validation IoU per epoch (kept for the convergence plot), its best and how soon it came"""
+    curve = [(r["epoch"], r["val_iou"]) for r in files.read_jsonl(path) if r.get("val_iou") is not None]
+    best_epoch, best = max(curve, key=lambda c: c[1], default=(float("nan"), float("nan")))
+    return {"best_val_iou": best, "best_epoch": best_epoch, "epochs_to_90": epochs_to(curve, 0.90),
+            "epochs_to_95": epochs_to(curve, 0.95), "curve": curve}
 
 
 # -----------------------------------------------------------------------------

@@ -300,9 +300,7 @@ def truncate_log(path, step, epoch):
     resume. Epoch lines (they have "steps") count by epoch, the others by step."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    kept = "".join(json.dumps(r) + "\n" for r in records
+    kept = "".join(json.dumps(r) + "\n" for r in files.read_jsonl(path)  # without a torn last line
                    if (r["epoch"] < epoch if "steps" in r else r.get("step", 0) <= step))
     files.write_text(path, kept)
 
@@ -381,8 +379,7 @@ def draw_curves(out, title, panels):
     path = os.path.join(out, "log.jsonl")
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        epochs = [r for r in map(json.loads, f) if "steps" in r]  # one line per epoch
+    epochs = [r for r in files.read_jsonl(path) if "steps" in r]  # one line per epoch
     charts = []
     for key, label in panels:
         points = [(r["epoch"], r[key]) for r in epochs if r.get(key) is not None]

@@ -17,6 +17,7 @@ folder records its settings (study.json): running it with other ones is refused.
 """
 import argparse
 import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -34,49 +35,37 @@ import run_folder
 import train_pretrain
 import train_segment
 import training
-from grid import add_time, count_slices, failed_since, finished, keep, label, missing_weights, plan, state
+from grid import (COUNT, DEFAULTS, FRACTION, PAPER_LENGTHS, add_time, count_slices, failed_since, finished, keep,
+                  label, listed, missing_weights, plan, recorded_settings, state, strategy_type)
 from slices import label_fraction_plan
 
-# the paper's grid: its encoder weights (supervised_imagenet is its "imagenet") and random initialisation,
-# label fractions and seeds; the pretraining-length study's epochs
-PAPER_STRATEGIES = ["none", "supervised_imagenet", "resnet50_byol_imagenet2012.pth.tar",
-                    "supervised-imagenet-byol-acdc-ep=25.pth", "byol-imagenet-acdc-ep=34.ckpt",
-                    "byol-imagenet-acdc-ep=25.pth", "byol_acdc_backbone_last.pth"]
-PAPER_FRACTIONS = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
-PAPER_SEEDS = [0, 13, 42, 123, 1111, 77, 62, 91, 7, 5]
-PAPER_LENGTHS = [*range(11), 12, 14, 16, 18, 20, 22, 24, 25, 50, 100, 200, 300, 400]
 WAITING = 75  # EX_TEMPFAIL: --index on a run whose pretraining is not finished: try again later
-SETTINGS = ("data", "strategies", "fractions", "seeds", "lengths", "length_fractions", "length_seeds",
-            "train_args", "pretrain_args")
 
 # -----------------------------------------------------------------------------
 # settings and the plan
 
-def listed(kind):
-    def parse(text):
+def pretrain_flags(text):
+    """an argparse type: --pretrain-args, refused here when train_pretrain.py's parser refuses it"""
+    with contextlib.redirect_stderr(io.StringIO()) as err:
         try:
-            return [kind(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list") from None
-    return parse
+            train_pretrain.parse_args(["--data", ".", *text.split()])
+        except SystemExit:  # its error line, without its usage and its name
+            raise argparse.ArgumentTypeError(f"{text!r}: {err.getvalue().split('error: ')[-1].strip()}") from None
+    return text
 
 
 def settings_of(args):
     """the study's settings: those recorded in STUDY/study.json, with what this command gives; a
     given flag that differs from the record is refused (a new --study folder changes them)"""
-    path = os.path.join(args.study, "study.json")
-    recorded = results.read_json(path) if os.path.exists(path) else {}
-    given = {k: getattr(args, k) for k in SETTINGS if getattr(args, k) not in (None, [])}
-    given["data"] = os.path.abspath(given["data"]) if "data" in given else None
-    differ = [k for k, v in given.items() if k in recorded and v is not None and not same(k, recorded, v)]
+    recorded = recorded_settings(args.study)
+    given = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) not in (None, [])}
+    differ = [k for k, v in given.items() if k in recorded and not same(k, recorded, v)]
     if differ:
         sys.exit(f"--study {args.study} was planned with other settings: "
                  + "; ".join(f"--{k.replace('_', '-')} {recorded[k]} (now {given[k]})" for k in differ)
                  + ". Use another --study folder for other settings")
-    defaults = {"data": os.path.abspath("data/acdc-synth"), "strategies": PAPER_STRATEGIES,
-                "fractions": PAPER_FRACTIONS, "seeds": PAPER_SEEDS, "lengths": [], "length_fractions": [1.0],
-                "length_seeds": [13], "train_args": [], "pretrain_args": ""}
-    s = {k: given.get(k) if given.get(k) is not None else recorded.get(k, defaults[k]) for k in SETTINGS}
+    s = {k: given.get(k) if given.get(k) is not None else recorded.get(k, DEFAULTS[k]) for k in DEFAULTS}
+    s["data"] = os.path.abspath(s["data"])  # recorded as an absolute path: later commands may run elsewhere
     if args.command != "report":  # a report reads the run folders only: the data may be elsewhere
         try:
             s["data_fingerprint"] = acdc.fingerprint(s["data"])
@@ -298,18 +287,18 @@ def parse_args(argv=None):
     p.add_argument("command", choices=["plan", "run", "report"], help="what to do")
     p.add_argument("--study", required=True, help="the study folder")
     p.add_argument("--data", default=None, help="ACDC root (default: the phantom, data/acdc-synth)")
-    p.add_argument("--strategies", type=listed(str), default=None,
+    p.add_argument("--strategies", type=listed(strategy_type), default=None,
                    help="comma-separated --weights values or pretrain:INIT:EPOCHS "
                         "(default: the paper's seven)")
-    p.add_argument("--fractions", type=listed(float), default=None,
+    p.add_argument("--fractions", type=listed(FRACTION), default=None,
                    help="label fractions (default: the paper's)")
-    p.add_argument("--seeds", type=listed(int), default=None, help="seeds (default: the paper's ten)")
-    p.add_argument("--lengths", type=listed(int), default=None,
+    p.add_argument("--seeds", type=listed(COUNT), default=None, help="seeds (default: the paper's ten)")
+    p.add_argument("--lengths", type=listed(COUNT), default=None,
                    help="pretraining epochs to fine-tune from, for each pretrain: strategy (the paper's: "
                         + ",".join(map(str, PAPER_LENGTHS)) + ")")
-    p.add_argument("--length-fractions", type=listed(float), default=None, help="their label fractions (1.0)")
-    p.add_argument("--length-seeds", type=listed(int), default=None, help="their seeds (the paper's: 13)")
-    p.add_argument("--pretrain-args", default=None,
+    p.add_argument("--length-fractions", type=listed(FRACTION), default=None, help="their label fractions (1.0)")
+    p.add_argument("--length-seeds", type=listed(COUNT), default=None, help="their seeds (the paper's: 13)")
+    p.add_argument("--pretrain-args", type=pretrain_flags, default=None,
                    help="train_pretrain.py's flags for pretrain: strategies, in quotes (--arch and --cache "
                         "follow the fine-tuning's)")
     p.add_argument("--keep", default="best-fp16", choices=["best-fp16", "best", "all", "none"],
@@ -379,20 +368,28 @@ def main(args):
 
 
 def report(entries, args):
-    rows, missing = [], []
+    """the finished runs' tables and plots; a run with a damaged file is skipped with one line (-> 1)"""
+    rows, missing, skipped = [], [], 0
     for e in entries:
         if e.kind == "finetune" and state(e) == "done":
             # a length run belongs to its pretraining's strategy
             strategy = e.strategy if e.pretrain_epochs is None else e.needs.strategy
-            rows.append(results.run_row(e.folder, strategy, e.pretrain_epochs))
+            try:
+                rows.append(results.run_row(e.folder, strategy, e.pretrain_epochs))
+            except results.DamagedFile as damage:
+                print(f"skipped {label(e)}: {damage}")
+                skipped += 1
         elif e.kind == "finetune":
             missing.append(f"{label(e)}: {state(e)}")
     title = os.path.basename(os.path.abspath(args.study))
-    for path in results.write_all(args.study, rows, missing, title, args.reference):
-        print(f"wrote {path}")
-    print(f"{len(rows)} finished runs"
-          + (f", {len(missing)} not finished (see results.md)" if missing else ""))
-    return 0
+    try:
+        for path in results.write_all(args.study, rows, missing, title, args.reference):
+            print(f"wrote {path}")
+    except OSError as e:  # e.g. a folder where results.csv goes
+        sys.exit(f"error: the report cannot be written in {args.study}: {e}")
+    print(f"{len(rows)} finished runs" + (f", {len(missing)} not finished (see results.md)" if missing else "")
+          + (f", {skipped} skipped for a damaged file (named above)" if skipped else ""))
+    return 1 if skipped else 0
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+import results
 import run_folder
 import train_segment
 from checkpoints import CheckpointError
@@ -100,13 +101,15 @@ def test_resume_refuses_flags_that_change_what_is_trained(tiny_acdc, tmp_path, c
     assert config["args"]["log_every"] == 2 and config["experiment"]["label_fraction"] == 0.5
 
 
-def test_resume_removes_what_a_killed_save_left_and_redone_log_lines(tiny_acdc, tmp_path):
+def test_resume_removes_what_a_killed_save_left_redone_log_lines_and_a_torn_one(tiny_acdc, tmp_path, capsys):
     out = tmp_path / "run"
     run(tiny_acdc, out, "--stop-after", "3")
     (out / ".tmp99999.checkpoint.pt").write_bytes(b"\0" * 1000)  # a save killed mid-way
-    with open(out / "log.jsonl", "a") as f:  # steps logged after the checkpoint, then killed
+    with open(out / "log.jsonl", "a") as f:  # steps logged after the checkpoint, then killed during an append
         f.write(json.dumps({"epoch": 0, "step": 4, "loss": 9.0, "lr": 0.1, "images_per_s": 1.0}) + "\n")
+        f.write('{"epoch": 0, "step": 5, "lo')
     run(tiny_acdc, out, "--resume", "auto")
+    assert f"notice: {out}/log.jsonl: its last line is torn (an append cut short): left out" in capsys.readouterr().out
     assert not any(name.startswith(".tmp") for name in os.listdir(out))
     steps = [r["step"] for r in records(out) if "steps" not in r]
     assert steps == sorted(set(steps)) and 9.0 not in [r["loss"] for r in records(out)]
@@ -133,6 +136,20 @@ def test_log_truncation_keeps_what_the_checkpoint_holds(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in lines))
     run_folder.truncate_log(str(path), step=3, epoch=1)  # stopped after step 3, in epoch 1
     assert [json.loads(line) for line in open(path)] == lines[:4]
+
+
+def test_a_torn_last_log_line_is_left_out_with_a_notice_and_truncation_removes_it(tmp_path, capsys):
+    lines = [{"epoch": 0, "step": 1, "loss": 1.0}, {"epoch": 0, "steps": 1, "loss": 1.0, "val_iou": 0.5},
+             {"epoch": 1, "step": 2, "loss": 0.5}, {"epoch": 1, "steps": 1, "loss": 0.5, "val_iou": 0.6}]
+    whole = "".join(json.dumps(r) + "\n" for r in lines)
+    (tmp_path / "log.jsonl").write_text(whole + '{"epoch": 2, "st')  # a kill or a full disk during an append
+    notice = f"notice: {tmp_path}/log.jsonl: its last line is torn (an append cut short): left out\n"
+    run_folder.draw_curves(str(tmp_path), "torn", [("loss", "loss"), ("val_iou", "IoU")])
+    assert os.path.exists(tmp_path / "curves.svg") and capsys.readouterr().out == notice
+    assert results.epoch_lines(str(tmp_path)) == lines[1::2] and capsys.readouterr().out == notice
+    run_folder.truncate_log(str(tmp_path / "log.jsonl"), step=2, epoch=2)  # what resuming does
+    assert (tmp_path / "log.jsonl").read_text() == whole and capsys.readouterr().out == notice
+    assert results.epoch_lines(str(tmp_path)) == lines[1::2] and capsys.readouterr().out == ""
 
 
 RACER = """

@@ -1,6 +1,7 @@
 """study.py on a tiny phantom: a BYOL pretraining and random weights, two label fractions, one seed,
 the pretraining-length study at epoch 0 (the backbone before training); planned, stopped, reported half-done, finished by a
-pool of two CPU processes, reported, and refused with other settings."""
+pool of two CPU processes, reported, and refused with other settings. Then, without training: impossible
+settings, a damaged study.json, and a report over hand-damaged run files."""
 import csv
 import json
 import os
@@ -93,3 +94,90 @@ def test_a_strategy_whose_weights_cannot_be_fetched_is_skipped_with_one_line(tmp
     assert grid.state(entries[2]) == "unavailable"
     study.show_plan(entries)
     assert "skipped: supervised_imagenet: not in the cache and downloads are off" in capfd.readouterr().out
+
+
+@pytest.mark.parametrize("flag, value, shown", [
+    ("--fractions", "0.5,0", "0"), ("--fractions", "2", "2"), ("--fractions", "-0.5", "-0.5"),
+    ("--fractions", "nan", "nan"), ("--length-fractions", "inf", "inf"), ("--seeds", "0,-1", "-1"),
+    ("--length-seeds", "-13", "-13"), ("--lengths", "-1", "-1"), ("--strategies", "none,pretrain:none:-5",
+                                                                 "pretrain:none:-5"),
+    ("--strategies", "pretrain:none:0", "pretrain:none:0"), ("--strategies", "pretrain:none", "pretrain:none"),
+    ("--pretrain-args", "--size 30 --lr 0.1", "'--size 30 --lr 0.1': argument --size")])
+def test_impossible_settings_are_refused_before_study_json_is_written(tmp_path, capsys, flag, value, shown):
+    for command in ("plan", "run"):
+        with pytest.raises(SystemExit) as refused:
+            study.main(study.parse_args([command, "--study", str(tmp_path), "--data", str(tmp_path / "no-data"),
+                                         flag, value]))
+        assert refused.value.code == 2
+        assert f"error: argument {flag}: {shown}" in capsys.readouterr().err.splitlines()[-1]
+    assert not os.path.exists(tmp_path / "study.json")
+
+
+@pytest.mark.parametrize("text, error", [('{"data": "/d", "strat', "Unterminated string"), ("", "Expecting value"),
+                                         ("[]", "expected a JSON object")])
+def test_a_damaged_study_json_is_named_with_how_to_write_it_again(tmp_path, text, error):
+    (tmp_path / "study.json").write_text(text)
+    for command in ("plan", "report"):
+        with pytest.raises(SystemExit, match=error) as refused:
+            study.main(study.parse_args([command, "--study", str(tmp_path), "--data", str(tmp_path)]))
+        message = str(refused.value.code)
+        assert message.startswith(f"error: {tmp_path / 'study.json'}: ") and "run `study.py plan`" in message
+
+
+def fake_run(folder, seed):
+    """a finished fine-tuning's files, as train_segment.py, evaluate.py and study.py write them"""
+    os.makedirs(os.path.join(folder, "test"))
+
+    def write(name, obj):
+        with open(os.path.join(folder, name), "w") as f:
+            f.write(json.dumps(obj))
+    structure = {"dice": {"mean": 0.8}, "hd95": {"mean": 2.0}}
+    write("config.json", {"args": {"weights": "none", "label_fraction": 1.0, "seed": seed, "epochs": 2},
+                          "train_slices": 8, "total_steps": 4})
+    write("test/metrics.json", {"challenge": {p: dict.fromkeys(("RV", "MYO", "LV"), structure) for p in ("ED", "ES")},
+                                "paper_slice_iou": {"mean_iou_with_background": 0.9, "mean_iou_structures": 0.7},
+                                "mean_dice_structures": 0.8})
+    write("timing.json", {"wall_s": 2.0, "step_s": 1.0})
+    write("result.json", {"kind": "finetune", "strategy": "none"})
+    lines = [{"epoch": 0, "step": 1, "loss": 1.0}] + [{"epoch": e, "steps": 2, "val_iou": 0.5 + e / 10} for e in (0, 1)]
+    with open(os.path.join(folder, "log.jsonl"), "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in lines))
+
+
+def test_report_skips_each_run_with_a_damaged_file_and_reports_the_others(tmp_path, capsys):
+    folder = tmp_path / "study"
+    damage = {1: ("test/metrics.json", '{"challenge": {"ED"'), 2: ("test/metrics.json", ""),
+              3: ("test/metrics.json", "[]"), 4: ("test/metrics.json", None), 5: ("timing.json", '{"wall_s": 2'),
+              6: ("timing.json", ""), 7: ("timing.json", "[]"), 8: ("timing.json", None), 9: ("config.json", "{"),
+              10: ("config.json", None), 11: ("log.jsonl", '{"epo\n{"epoch": 1, "steps": 2}\n'),
+              12: ("log.jsonl", None)}  # 0 and 13 intact, but 13's log has a torn last line
+    os.makedirs(folder)
+    (folder / "study.json").write_text(json.dumps({"data": str(tmp_path), "strategies": ["none"], "fractions": [1.0],
+                                                   "seeds": list(range(14))}))
+    for seed in range(14):
+        fake_run(folder / "runs" / "none" / "fraction-1" / f"seed-{seed}", seed)
+        name, text = damage.get(seed, (None, None))
+        path = folder / "runs" / "none" / "fraction-1" / f"seed-{seed}" / str(name)
+        if name and text is None:
+            os.remove(path)
+        elif name:
+            path.write_text(text)
+    with open(folder / "runs" / "none" / "fraction-1" / "seed-13" / "log.jsonl", "a") as f:
+        f.write('{"epoch": 2, "steps": 2, "val_i')  # torn by a kill: left out, the run reported
+
+    assert study.main(study.parse_args(["report", "--study", str(folder)])) == 1
+    out = capsys.readouterr().out
+    skipped = [line for line in out.splitlines() if line.startswith("skipped")]
+    assert len(skipped) == len(damage)
+    for line, (seed, (name, _)) in zip(skipped, sorted(damage.items())):
+        assert line.startswith(f"skipped none, fraction 1, seed {seed}: {folder}/runs/none/fraction-1/seed-{seed}/"
+                               f"{name}: ")
+    assert f"notice: {folder}/runs/none/fraction-1/seed-13/log.jsonl: its last line is torn" in out
+    assert out.splitlines()[-1] == "2 finished runs, 12 skipped for a damaged file (named above)"
+    rows = list(csv.DictReader(open(folder / "results.csv")))
+    assert [r["seed"] for r in rows] == ["0", "13"] and rows[1]["best_val_iou"] == "0.6"
+
+    os.remove(folder / "results.csv")
+    os.mkdir(folder / "results.csv")
+    with pytest.raises(SystemExit, match=f"error: the report cannot be written in {folder}: .*results.csv"):
+        study.main(study.parse_args(["report", "--study", str(folder)]))
