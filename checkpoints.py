@@ -23,11 +23,13 @@ file (weights.py) is fetched first; messages name the file, after its flag where
 """
 import math
 import pickle
+import re
 import zipfile
 from collections import Counter
 
 import torch
 
+import metadata
 import normalisation
 import weights
 from resnet import ARCHS
@@ -58,30 +60,41 @@ def read_checkpoint(source, trust=False, flag=None, name=None):
         raise CheckpointError(f"reading checkpoints safely needs torch >= 2.6, this is {torch.__version__}")
     label = describe(source, flag, name)
     try:
-        path = weights.resolve(source)  # an existing file as it is; a known name from the cache or the web
+        path = weights.resolve(source, check=refusal)  # a file as it is; a known name from the cache or the web
     except weights.WeightsError as e:
         raise CheckpointError(f"{flag} {e}" if flag else str(e)) from None
     if why := not_torch_save(path):
         raise CheckpointError(f"{label}: not a PyTorch checkpoint ({why})")
-    names = [] if trust else stand_ins(path)
+    names = [] if trust else metadata.stand_ins(path)
     try:
         with torch.serialization.safe_globals(names):
             ckpt = torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as e:
-        # torch's message is long: keep its first line that says what it refused
+        # torch names what it refused: a GLOBAL, or the class of an object it would not build
+        refused = re.search(r"GLOBAL (\S+)|Can only .*?but got <class '([^']+)'>", str(e))
+        if refused and not trust:
+            raise CheckpointError(f"{label}: holds objects that the safe loader (torch.load weights_only=True) does "
+                                  f"not allow (the first: {refused[1] or refused[2]}): unpickling them could run code "
+                                  "stored in the file; if you trust where it came from, pass --trust-checkpoint") from e
+        # torch's message is long: keep its first line that says what went wrong
         detail = gist([line for line in str(e).split("WeightsUnpickler error:")[-1].splitlines()
                        if line.strip()][0])
-        if trust or ("GLOBAL" not in detail and "Can only" not in detail):
-            raise CheckpointError(f"{label}: not a PyTorch checkpoint, or a damaged one ({detail})") from e
-        raise CheckpointError(f"{label}: the safe loader (torch.load weights_only=True) refused it: "
-                              f"{detail}. Unpickling other objects can run code stored in the file; if you "
-                              "trust where it came from, pass --trust-checkpoint") from e
+        raise CheckpointError(f"{label}: not a PyTorch checkpoint, or a damaged one ({detail})") from e
     except Exception as e:  # a damaged archive, a truncated pickle
         raise CheckpointError(f"{label}: a truncated or damaged PyTorch checkpoint? ({type(e).__name__}: "
                               f"{gist(e)})") from e
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{label}: holds a {type(ckpt).__name__}, not a dict of tensors")
-    return plain(ckpt) if names else ckpt
+    return metadata.plain(ckpt) if names else ckpt
+
+
+def refusal(path, name):
+    """raise weights.DownloadFailed unless the safe loader reads the file at path (`name` in messages):
+    weights.py asks before a file it fetched takes its name"""
+    try:
+        read_checkpoint(path, name=name)
+    except CheckpointError as e:
+        raise weights.DownloadFailed(e) from None
 
 
 def not_torch_save(path):
@@ -93,65 +106,6 @@ def not_torch_save(path):
     with open(path, "rb") as f:
         head = f.read(16)
     return None if head.startswith((b"PK\x03\x04", b"\x80")) else f"it starts with {head!r}, not a zip archive"
-
-
-# Lightning and OmegaConf keep a run's hyper-parameters as their own classes, which the safe loader refuses
-# and which need those libraries (not dependencies) to unpickle. Stand-ins take their place: they run nothing,
-# keep the plain content of the pickled state (dicts, lists, numbers, strings) and are replaced by it once
-# loaded, so a Lightning .ckpt loads safely and its config reads as a dict. Other objects need trust.
-METADATA_MODULES = ("pytorch_lightning.", "lightning.", "lightning_fabric.", "omegaconf.", "typing.",
-                    "pathlib.", "argparse.Namespace", "collections.defaultdict",
-                    # and the types OmegaConf's metadata names:
-                    *(f"builtins.{t}" for t in "dict list tuple str int float bool object".split()))
-
-
-class Plain:
-    """stands in for a metadata object (its subclass's `name`): takes any arguments and state, keeps them"""
-    content = None  # an object pickled without state
-
-    def __init__(self, *args, **kwargs):  # built by a call: a path from its parts, for instance
-        self.content = args
-
-    def __setstate__(self, state):  # built from its attributes: OmegaConf's nodes, dataclasses, Namespace
-        self.content = state
-
-
-def stand_ins(path):
-    """(stand-in, name) pairs for the safe loader when every object it would refuse is metadata"""
-    try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # not a readable archive: torch.load says why
-        return []
-    if not all(n.startswith(METADATA_MODULES) for n in names):
-        return []
-    # AttributeDict is a dict with attribute access, defaultdict(factory) a dict: plain dicts keep their
-    # content (the unpickler fills no other kind); every other name gets a Plain of its own
-    return [(dict if n.endswith(".AttributeDict") else (lambda *factory: {}) if n == "collections.defaultdict"
-             else type(n.rsplit(".", 1)[-1], (Plain,), {"name": n}), n) for n in names]
-
-
-def plain(obj, active=frozenset()):
-    """obj with every stand-in replaced by its plain content: an OmegaConf DictConfig or ListConfig by
-    the dict or list of its values (its pickled state keeps them under '_content', each value node's
-    under '_val'), another object by the dict of its attributes, a type by its name. In place."""
-    if id(obj) in active:  # a container inside itself (a crafted file): cut the loop
-        return None
-    active = active | {id(obj)}
-    if isinstance(obj, type) and issubclass(obj, Plain):
-        return obj.name
-    if isinstance(obj, Plain):
-        state = obj.content
-        if isinstance(state, dict) and ("_content" in state or "_val" in state):  # OmegaConf's (not its _parent)
-            return plain(state["_content"] if "_content" in state else state["_val"], active)
-        return plain(state, active)
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            obj[k] = plain(v, active)
-    elif isinstance(obj, list):
-        obj[:] = [plain(v, active) for v in obj]
-    elif isinstance(obj, tuple):
-        return tuple(plain(v, active) for v in obj)
-    return obj
 
 
 def state_dict_of(ckpt):

@@ -23,22 +23,29 @@ Files live where torchvision and timm keep theirs, torch.hub.get_dir()/checkpoin
 $TORCH_HOME/hub/checkpoints, by default ~/.cache/torch/hub/checkpoints), under their original names.
 A file there is used without any network access: on an offline machine, copy the files there.
 models.zip is downloaded once, to a temporary file in that folder; its four models are extracted flat
-by their base names (a path inside the archive is never used), each to a temporary file renamed when
-all four are complete, and the archive is then deleted. A models.zip copied into the folder by hand is
-extracted from and kept. The two ImageNet files are checked against the start of the SHA-256 in their
-names, as torch.hub does. A failed download leaves nothing behind and says how to get the file by hand.
+by their base names (a path inside the archive is never used; sizes limited), each to a temporary file
+renamed once all four are complete and safe to load, and the archive is then deleted. A models.zip copied
+into the folder by hand is extracted from and kept. The two ImageNet files are checked against the start
+of the SHA-256 in their names, as torch.hub does. A failed, stalled or killed download leaves nothing
+behind (a later fetch removes what SIGKILL left) and says how to get the file by hand.
 
 Environment variables:
     SSL_MEDSEG_MIRROR=URL   fetch URL/models.zip, URL/resnet50_a1_0-14fe96d1.pth and URL/resnet50-11ad3fa6.pth
                             instead of the original addresses (a mirror, or a local server in the tests)
     SSL_MEDSEG_OFFLINE=1    never download: a missing file is an error that says where to copy it
 """
+import collections
+import contextlib
 import hashlib
 import os
 import posixpath
 import re
 import shutil
+import signal
+import socket
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -53,6 +60,9 @@ DRIVE = "https://drive.google.com/file/d/1TLZHDbV-qQlLjkR8P0LZaxzwEE6O_7g1/view"
 TIMM = "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-rsb-weights/"
 TORCHVISION = "https://download.pytorch.org/models/"
 TIMEOUT = 30  # seconds without a byte before a download gives up (urllib's socket timeout)
+WINDOW, MIN_BYTES = 60, 64 << 10  # a download fails when fewer than MIN_BYTES arrived in the last WINDOW seconds
+MEMBER_LIMIT, ARCHIVE_LIMIT = 2 << 30, 4 << 30  # bytes unpacked from models.zip (its files are at most 0.5 GB)
+STALE = 600  # seconds a temporary file may go without growing before anyone removes it (clusters share the cache)
 
 Source = namedtuple("Source", "file url what")  # the file's original name, where it is published, in words
 NAMES = {
@@ -160,10 +170,11 @@ def status(source):
 # -----------------------------------------------------------------------------
 # resolving a name to a file
 
-def resolve(source, download=True):
+def resolve(source, download=True, check=lambda path, name: None):
     """a path or a known name -> a local file: an existing path as it is; a known name (or a missing
     path whose base name is one) -> its file in the cache, fetched first where it is missing and
-    download is True. Prints where a named file came from; raises WeightsError, in one line."""
+    download is True. Prints where a named file came from; raises WeightsError, in one line. Before a new file
+    takes its name, check(path, name) raises DownloadFailed unless it may (checkpoints.py's safe loader)."""
     if os.path.isfile(str(source)):
         return str(source)
     if os.path.isdir(str(source)):
@@ -176,10 +187,12 @@ def resolve(source, download=True):
     if os.path.isfile(path):
         print(f"{source}: {path} (from the cache)")
         return path
+    remove_temporaries(folder)
     archive = os.path.join(folder, "models.zip")
     if entry.url == RELEASE and os.path.isfile(archive):  # put there by hand: extract, keep it
         try:
-            extract(archive, folder)
+            with cleaned_up(folder):
+                extract(archive, folder, check)
         except DownloadFailed as e:
             raise WeightsError(f"{source}: {archive}: {e}; remove it, or {by_hand(name)}") from None
         print(f"{source}: {path} (extracted from {archive})")
@@ -192,23 +205,23 @@ def resolve(source, download=True):
 
     url = url_of(name)
     print(f"{source}: downloading {url} into {folder} (once: later runs use that copy)")
-    tmp = os.path.join(folder, f".tmp{os.getpid()}.{posixpath.basename(url)}")
     try:
         os.makedirs(folder, exist_ok=True)
-        digest = fetch(url, tmp)
-        if entry.url == RELEASE:
-            extract(tmp, folder)
-        else:
-            expected = HASH.search(entry.file).group(1)
-            if not digest.startswith(expected):
-                raise DownloadFailed(f"SHA-256 {digest[:12]}... does not start with {expected}, its name's")
-            os.replace(tmp, path)
+        with cleaned_up(folder):
+            tmp = temporary(folder, posixpath.basename(url))
+            digest = fetch(url, tmp)
+            if entry.url == RELEASE:
+                extract(tmp, folder, check)
+            else:
+                expected = HASH.search(entry.file).group(1)
+                if not digest.startswith(expected):
+                    raise DownloadFailed(f"SHA-256 {digest[:12]}... does not start with {expected}, its name's")
+                check(tmp, entry.file)
+                os.replace(tmp, path)
     except (DownloadFailed, OSError) as e:  # OSError: the cache folder cannot be written
         why = e if isinstance(e, DownloadFailed) else f"{type(e).__name__}: {e}"
+        why = " ".join(str(why).split())  # one line, whatever the reason (urllib's redirect loop spans three)
         raise WeightsError(f"{source}: download of {url} failed ({why}); {by_hand(name)}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 
@@ -216,16 +229,18 @@ def fetch(url, dest):
     """url -> the file dest, with a progress bar; -> its SHA-256 (hex). Raises DownloadFailed."""
     request = urllib.request.Request(url, headers={"User-Agent": "ssl-medseg"})
     sha, size = hashlib.sha256(), 0
+    marks = collections.deque([(time.monotonic(), 0)])  # (time, bytes so far): the start, then recent reads
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT) as response, open(dest, "wb") as f:
             total = int(response.headers.get("Content-Length") or 0)
             with tqdm(total=total or None, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
                       desc=posixpath.basename(url), dynamic_ncols=True) as bar:
-                while chunk := response.read(1 << 20):
+                while chunk := response.read1(1 << 20):  # what has arrived, at once: every read is checked
                     f.write(chunk)
                     sha.update(chunk)
                     size += len(chunk)
                     bar.update(len(chunk))
+                    check_rate(marks, size)
     except urllib.error.HTTPError as e:
         raise DownloadFailed(f"HTTP {e.code} {e.reason}") from None
     except urllib.error.URLError as e:  # no network, no such host, refused, no answer
@@ -233,6 +248,8 @@ def fetch(url, dest):
         raise DownloadFailed(f"no answer in {TIMEOUT} s" if timed_out else str(e.reason)) from None
     except TimeoutError:
         raise DownloadFailed(f"no data for {TIMEOUT} s") from None
+    except DownloadFailed:
+        raise
     except Exception as e:  # a dropped connection, a malformed response, a full disk
         raise DownloadFailed(f"{type(e).__name__}: {e}") from None
     if total and size != total:
@@ -240,25 +257,93 @@ def fetch(url, dest):
     return sha.hexdigest()
 
 
-def extract(archive, folder):
+def check_rate(marks, size):
+    """raise DownloadFailed when fewer than MIN_BYTES arrived in the last WINDOW s (a byte now and then
+    resets the socket's timeout). marks: (time, bytes so far) of the start and earlier reads, oldest first"""
+    now = time.monotonic()
+    while len(marks) > 1 and marks[1][0] <= now - WINDOW:  # the newest mark at least WINDOW s old is enough
+        marks.popleft()
+    if marks[0][0] <= now - WINDOW and size - marks[0][1] < MIN_BYTES:
+        raise DownloadFailed(f"too slow: {size} bytes received, fewer than {MIN_BYTES} in the last {WINDOW} s; "
+                             f"try again later")
+    if now - marks[-1][0] >= WINDOW / 100:  # enough marks for a window 1% too long at most
+        marks.append((now, size))
+
+
+def extract(archive, folder, check):
     """the release's four models out of the zip archive, flat into folder by their base names; all four
-    or none (each goes to a temporary file first). Raises DownloadFailed."""
-    tmps = []
+    or none (each goes to a temporary file first: the caller's cleaned_up() removes them) and each
+    accepted by check (see resolve). Raises DownloadFailed."""
     try:
         with zipfile.ZipFile(archive) as z:
             # by base name only: a path inside the archive never decides where a file goes
             members = {posixpath.basename(i.filename): i for i in z.infolist() if not i.is_dir()}
+            if missing := [file for file in RELEASE_FILES if file not in members]:
+                raise DownloadFailed(f"the archive holds no models/{missing[0]}")
+            # zipfile stops a member at its declared size (then fails its CRC): limits on those bound a zip bomb
+            sizes = [members[file].file_size for file in RELEASE_FILES]
+            if max(sizes) > MEMBER_LIMIT or sum(sizes) > ARCHIVE_LIMIT:
+                raise DownloadFailed(f"its models would unpack to {sum(sizes)} bytes, {max(sizes)} the largest (at "
+                                     f"most {MEMBER_LIMIT} a file, {ARCHIVE_LIMIT} in all): not the release")
             for file in RELEASE_FILES:
-                if file not in members:
-                    raise DownloadFailed(f"the archive holds no models/{file}")
-                tmps.append(os.path.join(folder, f".tmp{os.getpid()}.{file}"))
-                with z.open(members[file]) as src, open(tmps[-1], "wb") as dst:  # CRC checked as it reads
+                with z.open(members[file]) as src, open(temporary(folder, file), "wb") as dst:  # CRC checked
                     shutil.copyfileobj(src, dst, 1 << 20)
-        for file, tmp in zip(RELEASE_FILES, tmps):
-            os.replace(tmp, os.path.join(folder, file))
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
         raise DownloadFailed(f"not a valid zip archive: {e}") from None
+    for file in RELEASE_FILES:  # all four accepted before any takes its name
+        check(temporary(folder, file), file)
+    for file in RELEASE_FILES:
+        os.replace(temporary(folder, file), os.path.join(folder, file))
+
+
+# -----------------------------------------------------------------------------
+# temporary files: removed however a fetch ends, and by a later fetch where that could not be done
+
+def temporary(folder, name):
+    """the temporary file for `name` in folder: .tmp<host>.<pid>.<name>, which says whose it is"""
+    return os.path.join(folder, f".tmp{socket.gethostname()}.{os.getpid()}.{name}")
+
+
+@contextlib.contextmanager
+def cleaned_up(folder):
+    """this process's temporary files in folder are removed when the block ends, however it ends (Ctrl-C
+    included). Meanwhile SIGTERM, whose default action would end the process at once, removes them first"""
+    def die(signum, frame):
+        remove_temporaries(folder, mine=True)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)  # the end SIGTERM would have brought, exit status included
+    main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
+    default = main and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if default:
+        signal.signal(signal.SIGTERM, die)
+    try:
+        yield
     finally:
-        for tmp in tmps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        if default:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        remove_temporaries(folder, mine=True)
+
+
+def remove_temporaries(folder, mine=False):
+    """remove this process's temporary files in folder (mine=True), or those that fetches ended beyond
+    help (SIGKILL, a lost node) left: this host's whose process is gone, any host's not grown for STALE s"""
+    ours, ends = f".tmp{socket.gethostname()}.", tuple(f".{s.file}" for s in NAMES.values()) + (".models.zip",)
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if not name.startswith(".tmp") or not name.endswith(ends):  # not a fetch's
+            continue
+        pid = name.removeprefix(ours).split(".")[0] if name.startswith(ours) else ""  # "": another host's
+        path = os.path.join(folder, name)
+        with contextlib.suppress(FileNotFoundError):  # removed meanwhile, by its process or another fetch
+            if pid == str(os.getpid()) if mine else gone(pid) or time.time() - os.path.getmtime(path) > STALE:
+                os.remove(path)
+
+
+def gone(pid):
+    """whether pid (a string; "" for another host's file) is the id of no process on this host"""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except OSError as e:  # PermissionError: another user's process
+        return isinstance(e, ProcessLookupError)
+    return False

@@ -232,6 +232,27 @@ def test_malicious_pickle_never_runs_without_trust(tmp_path):
     assert marker.exists()
 
 
+class System:
+    """a pickle that calls os.system (posix.system here) when the full unpickler reads it"""
+
+    def __reduce__(self):
+        return os.system, ("true",)
+
+
+def test_refused_objects_are_named_with_what_to_do_if_trusted(tmp_path):
+    """torch's reason, the first object it does not allow, reaches the message: not 'damaged'"""
+    blocked = f"{os.system.__module__}.system"
+    for name, legacy in (("zip.pth", False), ("legacy.pth", True)):  # torch.save's archive, a bare pickle
+        path = tmp_path / name
+        torch.save({"weight": torch.zeros(1), "payload": System()}, path, _use_new_zipfile_serialization=not legacy)
+        with pytest.raises(CheckpointError) as err:
+            read_checkpoint(path, flag="--weights")
+        assert str(err.value) == (
+            f"--weights {path}: holds objects that the safe loader (torch.load weights_only=True) does not allow "
+            f"(the first: {blocked}): unpickling them could run code stored in the file; if you trust where it "
+            f"came from, pass --trust-checkpoint")
+
+
 class Hyper:
     """an object of some other library inside hyper_parameters"""
 
