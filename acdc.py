@@ -220,20 +220,26 @@ def crc32_of(path, chunk=1 << 24):
 
 
 def cache_problem(entry):
-    """why a cache entry cannot be used (missing or wrong checksum, truncated, changed), or None"""
+    """why a cache entry cannot be used (missing or wrong checksum, truncated, changed, not a plain
+    array), or None"""
     try:
         with open(entry[:-4] + ".json") as f:
             meta = json.load(f)
     except (OSError, ValueError):
         return "has no checksum beside it"
+    if not (isinstance(meta, dict) and isinstance(meta.get("bytes"), int) and isinstance(meta.get("crc32"), int)):
+        return "has no readable checksum beside it"
     try:
         size = os.path.getsize(entry)
         if size != meta["bytes"]:
             return f"is {size} bytes, {meta['bytes']} when written (truncated?)"
         if crc32_of(entry) != meta["crc32"]:
             return "does not match its checksum (changed after it was written)"
+        np.load(entry, mmap_mode="r")  # never with pickles allowed: an array of objects is refused here
     except FileNotFoundError:  # another process replaced it just now
         return "vanished while it was read"
+    except ValueError as e:
+        return f"is not an array of numbers ({e})"
     return None
 
 

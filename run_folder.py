@@ -217,7 +217,7 @@ def prepare_run(args, kind, experiment):
                     os.remove(os.path.join(out, name))
     mine = os.path.join(out, "checkpoint.pt")
     path = (mine if os.path.exists(mine) else None) if args.resume == "auto" else args.resume
-    taken = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    taken = [f for f in sorted(os.listdir(out)) if f in RUN_FILES or f.startswith("backbone_ep")]
     if path is None:
         # --resume auto without a checkpoint restarts a run killed before its first one; never a
         # finished run whose checkpoint.pt was removed (the study runner keeps only the weights)
@@ -228,6 +228,9 @@ def prepare_run(args, kind, experiment):
         if taken and args.resume != "auto" and not args.overwrite:
             sys.exit(f"--out {out} holds another run ({', '.join(taken)}): pass --resume auto to continue "
                      f"it, --overwrite to start afresh, or choose another --out")
+        if taken and args.resume == "auto" and is_main_process():
+            print(f"notice: --resume auto found no checkpoint.pt in {out} (a run stopped before its first): "
+                  f"starting afresh, replacing {', '.join(taken)}")
         return None
     if not os.path.exists(path):
         sys.exit(f"--resume {path}: file not found")

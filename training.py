@@ -129,11 +129,11 @@ def arch_of_weights(args):
 def start(args, kind):
     """the set-up both scripts open with -> (env, checkpoint dict to resume or None, what the run
     trains (for config.json), autocast, scaler, amp). Everything a run needs is checked here, before
-    any process group and before anything is written: the output folders, the data, the resume file."""
+    any process group and before anything is written: the output folders, the data, the resume file.
+    A start refused after --out was made removes it again, when empty."""
     for flag, folder in (("--out", args.out), ("--cache", args.cache)):
         if folder and (problem := files.folder_problem(folder)):
             sys.exit(f"{flag} {folder}: {problem}")
-    os.makedirs(args.out, exist_ok=True)
     try:
         acdc.find_cases(args.data)
     except acdc.DatasetError as e:
@@ -141,7 +141,18 @@ def start(args, kind):
     if args.arch == "auto":
         args.arch = arch_of_weights(args)
     experiment = run_folder.experiment_of(args)
-    resume = run_folder.prepare_run(args, kind, experiment)
+    made = not os.path.isdir(args.out)
+    os.makedirs(args.out, exist_ok=True)
+    try:
+        resume = run_folder.prepare_run(args, kind, experiment)
+        if args.cache and (problem := files.make_folder(args.cache)):
+            sys.exit(f"--cache {args.cache}: {problem}")
+    except BaseException:
+        run_folder.unlock(args.out, completely=True)
+        if made:
+            with contextlib.suppress(OSError):
+                os.rmdir(args.out)  # only an empty folder: never one holding files
+        raise
     env = setup(args.device, args.dist_timeout)
     torch.manual_seed(args.seed)
     return (env, resume, experiment, *autocast(env.device, args.amp))

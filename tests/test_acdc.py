@@ -1,5 +1,6 @@
 """acdc.py: reading the ACDC layout, the split, the datasets and their cache, the check.
 Everything runs on tiny phantoms written here (the real data cannot be downloaded)."""
+import json
 import os
 import shutil
 
@@ -238,3 +239,24 @@ def test_a_testing_set_without_labels_is_not_a_problem(phantom, tmp_path):
     assert acdc.check_dataset(str(tmp_path)) == []
     [case] = acdc.find_cases(str(tmp_path), split="testing")
     assert case.patient == 101 and case.frames == []
+
+
+@pytest.mark.parametrize("damage", ["empty json", "json list", "pickled objects"])
+def test_a_damaged_cache_entry_is_reported_and_rebuilt(phantom, tmp_path, capsys, damage):
+    """a checksum file that is not a record, or an array of Python objects under a matching checksum"""
+    root, folder = one_patient(phantom, tmp_path)
+    first = slices.LabelledSlices(root, "train")
+    entry, expected = first.volumes[0]["cache"][0], first[0]["image"].clone()
+    del first
+    if damage == "pickled objects":
+        np.save(entry, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+        with open(entry[:-4] + ".json", "w") as f:
+            json.dump({"source": "x", "bytes": os.path.getsize(entry), "crc32": acdc.crc32_of(entry)}, f)
+    else:
+        with open(entry[:-4] + ".json", "w") as f:
+            f.write("{}" if damage == "empty json" else "[1, 2]")
+    problems = acdc.check_dataset(root)
+    assert len(problems) == 1 and problems[0].startswith(entry)
+    again = slices.LabelledSlices(root, "train")  # rebuilt, with a notice naming it
+    assert f"notice: the cache entry {entry}" in capsys.readouterr().out
+    assert torch.equal(again[0]["image"], expected)

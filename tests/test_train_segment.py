@@ -11,6 +11,7 @@ import acdc
 import normalisation  # noqa: E402
 import slices
 import train_segment
+from checkpoints import CheckpointError
 from resnet import resnet18
 
 
@@ -178,3 +179,23 @@ def test_the_data_read_is_named_and_a_phantom_says_so(tiny_acdc, tmp_path, capsy
     run(tiny_acdc, tmp_path / "run", "--epochs", "1")
     assert f"on {os.path.abspath(tiny_acdc)} (synthetic phantom, not ACDC)" in capsys.readouterr().out
     assert "synthetic phantom" in json.load(open(tmp_path / "run" / "config.json"))["data"]
+
+
+def test_a_refused_start_creates_no_folder(tiny_acdc, tmp_path, monkeypatch):
+    """a cache folder that cannot be made, a bad data path, a refused --resume file: one line each,
+    and no empty --out folder left behind"""
+    real = os.makedirs
+
+    def refusing(path, *a, **kw):  # a filesystem that will not make this one folder
+        if str(path).startswith(str(tmp_path / "nope")):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *a, **kw)
+    monkeypatch.setattr(os, "makedirs", refusing)
+    with pytest.raises(SystemExit, match=f"--cache {tmp_path}/nope: cannot be created: Permission denied"):
+        run(tiny_acdc, tmp_path / "run", "--cache", str(tmp_path / "nope"))
+    with pytest.raises(SystemExit, match="--data"):
+        run(str(tmp_path / "no-data"), tmp_path / "run")
+    (tmp_path / "not-a-checkpoint.pt").write_text("hello")
+    with pytest.raises((SystemExit, CheckpointError), match="not-a-checkpoint.pt"):
+        run(tiny_acdc, tmp_path / "run", "--resume", str(tmp_path / "not-a-checkpoint.pt"))
+    assert not (tmp_path / "run").exists() and not (tmp_path / "nope").exists()

@@ -53,6 +53,20 @@ def test_prepare_run_refuses_another_run(tmp_path):
     assert os.listdir(out) == ["config.json"]
 
 
+def test_resume_auto_without_a_checkpoint_says_what_it_replaces(tmp_path, capsys):
+    """a run killed before its first checkpoint: --resume auto starts afresh, in one line naming the files"""
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    for name in ("config.json", "log.jsonl", "backbone_ep000.pth"):
+        open(os.path.join(out, name), "w").close()
+    args = argparse.Namespace(out=out, resume="auto", overwrite=False, trust_checkpoint=False)
+    assert run_folder.prepare_run(args, "byol", {}) is None
+    run_folder.unlock(out, completely=True)
+    assert capsys.readouterr().out == (f"notice: --resume auto found no checkpoint.pt in {out} (a run stopped before "
+                                       f"its first): starting afresh, replacing backbone_ep000.pth, config.json, "
+                                       f"log.jsonl\n")
+
+
 def test_save_atomic_leaves_no_temporary(tmp_path):
     path = str(tmp_path / "c.pt")
     files.save_atomic({"w": torch.arange(3)}, path)
