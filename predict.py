@@ -3,15 +3,15 @@
     python predict.py --checkpoint runs/seg/best.pt -i scans/ patient001_4d.nii.gz -o predictions
 
 INPUT: any mix of NIfTI files (.nii, .nii.gz) holding a 3D short-axis stack (X, Y, Z) or a 4D cine
-(X, Y, Z, T), and folders searched for them recursively (an ACDC root or patient folder is one);
-label files (*_gt.nii*) in folders are skipped. The model segments the slices [:, :, z], as it was
+(X, Y, Z, T), and folders searched for them recursively, links followed (an ACDC root is one);
+label files (*_gt.nii*) and masks predict.py wrote are skipped. The model segments the slices [:, :, z], as it was
 trained: the stack must run along the third axis, at a pixel size near the training data's (ACDC:
 1.37-1.68 mm). Scans are never resampled (the paper did not); one far from that gets a warning.
 
-Writes into OUT (an existing folder's results only with --overwrite):
+Writes into OUT (a folder holding files only with --overwrite, which replaces only predict.py's files):
   <path relative to its input folder>/X_pred.nii.gz
                   uint8 labels (0 background, 1 RV, 2 MYO, 3 LV) on the source grid, with its affine
-                  and header, so ITK-SNAP or 3D Slicer overlays them; a cine gives a 4D label file
+                  and header (descrip: predict.py's mark); a cine gives a 4D label file
   volumes.csv     a row per volume, per frame of a cine: file, frame (from 1; empty for a 3D file),
                   spacing_x, spacing_y, spacing_z (mm), slices, RV_ml, MYO_ml, LV_ml
   indices.csv     a row per cine and per ACDC patient folder: case, ed_frame, es_frame, ed_es_source
@@ -21,10 +21,10 @@ Writes into OUT (an existing folder's results only with --overwrite):
   X_slices.png    per case: basal, mid and apical slices (each image, then the prediction over it),
                   the top row at ED, the bottom row at ES
   summary.json    the model, its input normalisation and where it came from, the device, every file
-                  segmented (with its warnings) or refused (with the reason); written last
+                  segmented (with its warnings) or refused (with the reason), the outputs; written last
 
-A file that cannot be segmented (not NIfTI, damaged, 2 or 5 dimensions, NaN) is refused with one line
-that names it; the others are still segmented, and the exit status is then 1.
+A file that cannot be segmented (not NIfTI, damaged, 2 or 5 dimensions, NaN, beyond float32) is refused
+in one line that names it; the others are still segmented, and the exit status is then 1.
 """
 import argparse
 import json
@@ -271,7 +271,7 @@ def parse_args(argv=None):
                         "root)")
     p.add_argument("-o", "--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true",
-                   help="write into an --out folder that already holds files (replacing same-named results)")
+                   help="write into an --out folder holding files, replacing only predict.py's own outputs")
     training.add_device_args(p)
     inference.add_args(p)
     return p.parse_args(argv)

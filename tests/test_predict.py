@@ -211,9 +211,6 @@ def test_a_full_disk_or_ctrl_c_ends_in_one_line_leaving_nothing(setup, tmp_path,
         training.run_main(predict.main, args)
     assert e.value.code == f"error: {out / 'sub' / 'A_pred.nii.gz'}: No space left on device"
     assert not (tmp_path / "new").exists()  # the half file and the folders made for it are gone
-    with pytest.raises(OSError):  # predict.main itself lets it through (study.py stops on a full disk)
-        predict.main(args)
-    files.remove_empty_made()
 
     monkeypatch.setattr(nib, "save", failing_save(KeyboardInterrupt()))
     with pytest.raises(SystemExit) as e:
