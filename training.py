@@ -215,9 +215,9 @@ def teardown():
 
 
 def run_main(main, args):
-    """call main(args), always give up the run folder's lock and tear the process group down; an
-    exception still ends this process with its traceback and a non-zero status, and torchrun then
-    stops every other rank"""
+    """call main(args), always give up the run folder's lock and tear the process group down; bad input,
+    a failed write (OSError) and Ctrl-C end in one line, another exception with its traceback; the status
+    is then non-zero, and torchrun stops every other rank"""
     try:
         return main(args)
     except (CheckpointError, acdc.DatasetError) as e:  # bad input: its message names the file, no traceback
