@@ -173,8 +173,8 @@ def read_volume(path, dtype=np.float32, ndim=3):
         raise DatasetError(f"{path}: truncated or corrupt? ({type(e).__name__}: {reason})") from e
     if data.ndim != ndim:
         raise DatasetError(f"{path}: a {data.ndim}D volume of shape {data.shape}, expected {ndim}D")
-    if data.dtype.kind == "f" and not np.isfinite(data).all():
-        raise DatasetError(f"{path}: {np.count_nonzero(~np.isfinite(data))} NaN or infinite voxels")
+    if data.dtype.kind == "f" and not (np.abs(data) <= np.finfo(np.float32).max).all():  # NaN, inf, 1e300 fail
+        raise DatasetError(f"{path}: NaN or infinite voxels, or values beyond float32's range")
     spacing = tuple(float(s) for s in img.header.get_zooms()[:ndim])
     return Volume(data if dtype is None else data.astype(dtype, copy=False), spacing, img.affine, img.header)
 

@@ -111,8 +111,8 @@ class CaseVolumes(torch.utils.data.Dataset):
     loader workers while the model works on the previous patient. A problem travels as a message: an
     exception raised in a worker would reach the user wrapped in the worker's traceback."""
 
-    def __init__(self, cases):
-        self.cases = cases
+    def __init__(self, cases, norm):
+        self.cases, self.norm = cases, norm
 
     def __len__(self):
         return len(self.cases)
@@ -121,7 +121,8 @@ class CaseVolumes(torch.utils.data.Dataset):
         case, volumes = self.cases[i], []
         try:
             for f in case.frames:
-                image, label = acdc.read_volume(f.image), acdc.read_label(f.label)
+                image = inference.checked(f.image, acdc.read_volume(f.image), self.norm)
+                label = acdc.read_label(f.label)
                 if image.data.shape != label.data.shape:
                     raise acdc.DatasetError(f"{f.label}: labels of shape {label.data.shape}, "
                                             f"the image {f.image} {image.data.shape}")
@@ -176,14 +177,14 @@ def main(args):
     model, from_checkpoint = inference.load_model(args.checkpoint, device, trust=args.trust_checkpoint,
                                                   flag="--checkpoint")
     norm = normalisation.for_inference(args.norm, from_checkpoint)
-    loader = torch.utils.data.DataLoader(CaseVolumes(cases), batch_size=None, collate_fn=as_is,
+    loader = torch.utils.data.DataLoader(CaseVolumes(cases, norm), batch_size=None, collate_fn=as_is,
                                          num_workers=args.workers)
     net = torch.compile(model) if args.compile else model
     autocast, _, amp = training.autocast(device, args.amp)
     print(f"evaluating {len(cases)} patients of split '{args.split}' on {device}, amp {amp}, "
           f"tta {'on' if args.tta else 'off'}; input normalised as (x - {norm[0]:.6g}) / {norm[1]:.6g}, "
           f"{norm[2]}; writing to {out}")
-    os.makedirs(out, exist_ok=True)
+    files.makedirs(out)
     if os.path.exists(os.path.join(out, "metrics.json")):  # --overwrite: the old summary goes first, so an
         os.remove(os.path.join(out, "metrics.json"))        # interrupted run never passes for a finished one
 

@@ -14,6 +14,9 @@ import nibabel as nib
 import numpy as np
 import torch
 
+MASK_MARK = b"labels predicted by predict.py or evaluate.py"  # in a mask's header: never taken for a scan
+made = []  # the folders that makedirs created in this process: a failure removes those it left empty
+
 
 def folder_problem(path):
     """why `path` cannot be an output folder, or None: a file is there, or the nearest folder that
@@ -45,9 +48,26 @@ def write_atomic(path, write):
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:  # a full disk names no file, or the temporary one: name the file being written
+        raise OSError(e.errno, e.strerror or str(e), path) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def makedirs(path):
+    """os.makedirs(path, exist_ok=True), remembering the folders it creates (see remove_empty_made)"""
+    if not os.path.isdir(path):
+        makedirs(os.path.dirname(os.path.abspath(path)))
+        made.append(path)
+        os.mkdir(path)
+
+
+def remove_empty_made():
+    """the folders makedirs created that are left empty (by a failure) go, the deepest first"""
+    for folder in reversed(made):
+        if os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
 
 
 def write_text(path, text):
@@ -107,8 +127,17 @@ def read_jsonl(path):
 
 
 def write_nifti(path, labels, source):
-    """uint8 labels on the source volume's grid: its affine and header, so viewers overlay them"""
+    """uint8 labels on the source volume's grid: its affine and header (viewers overlay them), marked"""
     img = nib.Nifti1Image(np.asarray(labels, dtype=np.uint8), source.affine, source.header.copy())
     img.set_data_dtype(np.uint8)
     img.header.set_slope_inter(1, 0)  # labels are stored as they are, never rescaled
+    img.header["descrip"] = MASK_MARK
     write_atomic(path, lambda tmp: nib.save(img, tmp))
+
+
+def is_mask(path):
+    """whether a NIfTI file is a mask that write_nifti wrote (its mark in the header)"""
+    try:
+        return nib.load(path).header["descrip"].item() == MASK_MARK
+    except Exception:  # not NIfTI, damaged: not a mask of ours
+        return False

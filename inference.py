@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+import acdc
 import checkpoints
 import normalisation
 from training import number
@@ -94,6 +95,14 @@ def predict_volume(model, volume, device, norm=normalisation.PUBLISHED, autocast
     labels = [predict_slices(model, slices[i:i + batch_size], norm, autocast, min_size, tta)
               for i in range(0, len(slices), batch_size)]
     return torch.cat(labels).to(torch.uint8).permute(1, 2, 0).reshape(shape)  # (X, Y, Z[, T])
+
+
+def checked(path, volume, norm):
+    """-> the acdc.Volume if its values stay finite once normalised (a tiny --norm std can overflow float32)"""
+    x = torch.tensor([volume.data.min(initial=0), volume.data.max(initial=0)], dtype=torch.float32)  # 0: padding
+    if not torch.isfinite(normalisation.normalize(x, *norm[:2])).all():
+        raise acdc.DatasetError(f"{path}: values overflow float32 once normalised as (x - {norm[0]:g}) / {norm[1]:g}")
+    return volume
 
 
 # -----------------------------------------------------------------------------

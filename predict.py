@@ -3,15 +3,15 @@
     python predict.py --checkpoint runs/seg/best.pt -i scans/ patient001_4d.nii.gz -o predictions
 
 INPUT: any mix of NIfTI files (.nii, .nii.gz) holding a 3D short-axis stack (X, Y, Z) or a 4D cine
-(X, Y, Z, T), and folders searched for them recursively (an ACDC root or patient folder is one);
-label files (*_gt.nii*) in folders are skipped. The model segments the slices [:, :, z], as it was
+(X, Y, Z, T), and folders searched for them recursively, links followed (an ACDC root is one);
+label files (*_gt.nii*) and masks predict.py wrote are skipped. The model segments the slices [:, :, z], as it was
 trained: the stack must run along the third axis, at a pixel size near the training data's (ACDC:
 1.37-1.68 mm). Scans are never resampled (the paper did not); one far from that gets a warning.
 
-Writes into OUT (an existing folder's results only with --overwrite):
+Writes into OUT (a folder holding files only with --overwrite, which replaces only predict.py's files):
   <path relative to its input folder>/X_pred.nii.gz
                   uint8 labels (0 background, 1 RV, 2 MYO, 3 LV) on the source grid, with its affine
-                  and header, so ITK-SNAP or 3D Slicer overlays them; a cine gives a 4D label file
+                  and header (descrip: predict.py's mark); a cine gives a 4D label file
   volumes.csv     a row per volume, per frame of a cine: file, frame (from 1; empty for a 3D file),
                   spacing_x, spacing_y, spacing_z (mm), slices, RV_ml, MYO_ml, LV_ml
   indices.csv     a row per cine and per ACDC patient folder: case, ed_frame, es_frame, ed_es_source
@@ -21,12 +21,13 @@ Writes into OUT (an existing folder's results only with --overwrite):
   X_slices.png    per case: basal, mid and apical slices (each image, then the prediction over it),
                   the top row at ED, the bottom row at ES
   summary.json    the model, its input normalisation and where it came from, the device, every file
-                  segmented (with its warnings) or refused (with the reason); written last
+                  segmented (with its warnings) or refused (with the reason), the outputs; written last
 
-A file that cannot be segmented (not NIfTI, damaged, 2 or 5 dimensions, NaN) is refused with one line
-that names it; the others are still segmented, and the exit status is then 1.
+A file that cannot be segmented (not NIfTI, damaged, 2 or 5 dimensions, NaN, beyond float32) is refused
+in one line that names it; the others are still segmented, and the exit status is then 1.
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -64,21 +65,23 @@ def is_nifti(path):
 
 
 def is_label(path):
-    return stem_of(os.path.basename(path)).lower().endswith("_gt")
+    return stem_of(os.path.basename(path)).lower().endswith("_gt") or files.is_mask(path)
 
 
 def find_scans(inputs, out):
     """-> ([(path, path relative to its input folder)], [(path, why refused)], label files skipped):
-    files given, and those found under folders given (hidden folders and OUT itself left out)"""
+    files given, and those found under folders given (hidden folders and OUT left out, links followed once each)"""
     found, refused, skipped = [], [], 0
     for given in inputs:
         if os.path.isdir(given):
-            for folder, subfolders, names in os.walk(given):
+            walked = {os.path.realpath(out)}
+            for folder, subfolders, names in os.walk(given, followlinks=True):
+                walked.add(os.path.realpath(folder))
                 subfolders[:] = sorted(d for d in subfolders if not d.startswith(".")
-                                       and os.path.realpath(os.path.join(folder, d)) != os.path.realpath(out))
+                                       and os.path.realpath(os.path.join(folder, d)) not in walked)
                 for name in sorted(n for n in names if is_nifti(n) and not n.startswith(".")):
                     path = os.path.join(folder, name)
-                    if is_label(name):
+                    if is_label(path):
                         skipped += 1
                     else:
                         found.append((path, os.path.relpath(path, given)))
@@ -87,7 +90,7 @@ def find_scans(inputs, out):
         elif not is_nifti(given):
             refused.append((given, "not a NIfTI file (expected .nii or .nii.gz)"))
         elif is_label(given):
-            refused.append((given, "a label file (*_gt): give the image it labels"))
+            refused.append((given, "a label file (*_gt) or a predicted mask: give the image it labels"))
         else:
             found.append((given, os.path.basename(given)))
     # a file given twice (itself and inside a folder) is segmented once; two files never share an output
@@ -122,15 +125,15 @@ class Scans(torch.utils.data.Dataset):
     """-> the Volume of each path, or the reason it cannot be read (a message: an exception raised in
     a loader worker would reach the user wrapped in the worker's traceback)"""
 
-    def __init__(self, paths):
-        self.paths = paths
+    def __init__(self, paths, norm):
+        self.paths, self.norm = paths, norm
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
         try:
-            return read_scan(self.paths[i])
+            return inference.checked(self.paths[i], read_scan(self.paths[i]), self.norm)
         except acdc.DatasetError as e:
             return str(e)
 
@@ -162,6 +165,26 @@ def frame_pairs(scans):
         if all(len(v) == 1 for v in named.values()):
             pairs.update({named[phase][0]: phase for phase in named})
     return pairs
+
+
+def refuse_foreign(out, scans):
+    """-> the names outputs may take in OUT; exits (1) if one is a file neither marked nor listed as predict.py's"""
+    try:
+        with open(os.path.join(out, "summary.json")) as f:
+            ours = {"summary.json", *json.load(f)["outputs"]}
+    except (OSError, ValueError, KeyError, TypeError):  # none, or not predict.py's
+        ours = set()
+    planned = [(name, "all inputs (the tables)") for name in ("volumes.csv", "indices.csv", "summary.json")]
+    planned += [(stem_of(rel) + end, path) for path, rel in scans for end in ("_pred.nii.gz", "_volumes.svg",
+                                                                             "_slices.png")]
+    planned += [(os.path.join(os.path.dirname(rel), os.path.basename(os.path.dirname(path))) + "_slices.png", path)
+                for path, rel in scans]  # the picture of an ACDC folder's ED and ES
+    for name, source in planned:
+        path = os.path.join(out, name)
+        if os.path.lexists(path) and name not in ours and not files.is_mask(path):
+            sys.exit(f"error: {path}: not written by predict.py (no mark, not in summary.json), and the output "
+                     f"of {source} would replace it: move it or choose another --out")
+    return [name for name, _ in planned]
 
 
 def phantom_input(path):
@@ -248,7 +271,7 @@ def parse_args(argv=None):
                         "root)")
     p.add_argument("-o", "--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true",
-                   help="write into an --out folder that already holds files (replacing same-named results)")
+                   help="write into an --out folder holding files, replacing only predict.py's own outputs")
     training.add_device_args(p)
     inference.add_args(p)
     return p.parse_args(argv)
@@ -276,6 +299,7 @@ def main(args):
     if not scans:
         sys.exit(f"error: -i/--input: no NIfTI scan (.nii, .nii.gz) found in {' '.join(args.input)}")
     pairs = frame_pairs(scans)
+    outputs = refuse_foreign(out, scans)
 
     # ---- model
     device = training.setup(args.device).device
@@ -289,13 +313,13 @@ def main(args):
           f"tta {'on' if args.tta else 'off'}; input normalised as (x - {norm[0]:.6g}) / {norm[1]:.6g}, "
           f"{norm[2]}; trained on in-plane spacing {trained['in_plane'][0]:g}-{trained['in_plane'][1]:g} mm, "
           f"{spacing_source}; writing to {out}")
-    os.makedirs(out, exist_ok=True)
+    files.makedirs(out)
     output = lambda stem, suffix: os.path.join(out, stem + suffix)  # noqa: E731
     if os.path.exists(os.path.join(out, "summary.json")):  # --overwrite: the old summary goes first, so an
         os.remove(os.path.join(out, "summary.json"))        # interrupted run never passes for a finished one
 
     # ---- loop over files: predict, write the mask, measure; a cine (or an ED/ES pair) is a case
-    loader = torch.utils.data.DataLoader(Scans([p for p, _ in scans]), batch_size=None,
+    loader = torch.utils.data.DataLoader(Scans([p for p, _ in scans], norm), batch_size=None,
                                          collate_fn=as_is, num_workers=args.workers)
     volume_rows, case_rows, done, pending = [], [], [], {}
     bar = tqdm(zip(scans, loader), total=len(scans), desc="scans", unit="file", disable=None)
@@ -315,7 +339,7 @@ def main(args):
         labels = inference.predict_volume(net, scan.data, device, norm, autocast, args.batch_size,
                                           args.min_size, args.tta)  # (X, Y, Z[, T]) uint8
         stem = stem_of(rel)
-        os.makedirs(os.path.dirname(output(stem, "")), exist_ok=True)
+        files.makedirs(os.path.dirname(os.path.join(out, stem)))
         files.write_nifti(output(stem, "_pred.nii.gz"), labels.cpu().numpy(), scan)
         volumes, rows = measure(labels, spacing, rel)
         volume_rows += rows
@@ -352,6 +376,7 @@ def main(args):
                "inputs": [{"path": os.path.abspath(g), "synthetic_phantom": phantom.get(g, False)}
                           for g in args.input],
                "synthetic_phantom": any(phantom.values()),
+               "outputs": [n for n in outputs if os.path.exists(os.path.join(out, n))],  # --overwrite replaces them
                "segmented": done, "refused": [{"file": p, "reason": r} for p, r in refused],
                "label_files_skipped": skipped, "cases": case_rows, "seconds": round(time.time() - t0, 1)}
     files.write_json(os.path.join(out, "summary.json"), summary)

@@ -226,14 +226,20 @@ def teardown():
 
 
 def run_main(main, args):
-    """call main(args), always give up the run folder's lock and tear the process group down; an
-    exception still ends this process with its traceback and a non-zero status, and torchrun then
-    stops every other rank"""
+    """call main(args), always give up the run folder's lock and tear the process group down; bad input,
+    a failed write (OSError) and Ctrl-C end in one line, another exception with its traceback; the status
+    is then non-zero, and torchrun stops every other rank"""
     try:
         return main(args)
     except (CheckpointError, acdc.DatasetError) as e:  # bad input: its message names the file, no traceback
         sys.exit(f"error: {e}")
+    except OSError as e:  # a full disk, a lost mount: the file (files.write_atomic names it) and the reason
+        sys.exit(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: the file being written is removed on the way (files.write_atomic)
+        print("stopped: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
     finally:
+        files.remove_empty_made()  # the folders this invocation created and a failure left empty
         run_folder.unlock_all()
         teardown()
 

@@ -80,6 +80,19 @@ def test_spacing_and_affine_round_trip(tmp_path):
     assert volume.spacing == (1.5, 1.5, 8.0) and np.allclose(volume.affine, affine)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, None])
+def test_values_beyond_float32_are_refused_naming_the_file(tmp_path, dtype):
+    """float64 1e300 and int16 with scl_slope 1e38 are finite as stored but inf as float32, what the model sees;
+    dtype None (the slice cache's read, cast later) is checked the same way"""
+    big = nib.Nifti1Image(np.full((4, 4, 2), 1e300), np.eye(4))
+    scaled = nib.Nifti1Image(np.full((4, 4, 2), 100, np.int16), np.eye(4))
+    scaled.header.set_slope_inter(1e38, 0)
+    for name, img in [("big.nii", big), ("scaled.nii.gz", scaled)]:
+        nib.save(img, tmp_path / name)
+        with pytest.raises(acdc.DatasetError, match=f"^{tmp_path / name}: .*beyond float32"):
+            acdc.read_volume(str(tmp_path / name), dtype=dtype)
+
+
 # -----------------------------------------------------------------------------
 # the slice cache
 

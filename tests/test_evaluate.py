@@ -1,7 +1,9 @@
 """evaluate.py: the evaluation script end to end on a tiny phantom, with an untrained U-Net; its messages."""
 import csv
+import errno
 import json
 import os
+import re
 import xml.etree.ElementTree as ET
 
 import nibabel as nib
@@ -106,6 +108,35 @@ def test_project_errors_are_one_line(tmp_path):
             os.access = os_access
     with pytest.raises(SystemExit, match="error: --data: .*no patientNNN folders"):
         ev.main(ev.parse_args(argv[:2] + ["--data", str(tmp_path), "--out", str(tmp_path / "y")]))
+
+
+def failing_save(exception):
+    """nibabel's save, cut short by a full disk or Ctrl-C after half a file"""
+    def save(img, path):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise exception
+    return save
+
+
+def test_a_full_disk_reaches_the_caller_and_ctrl_c_ends_in_one_line(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "data"
+    phantom.write_phantom(str(data), patients=1, seed=0, size_range=(28, 32), frames_range=(3, 4), slices_range=(3, 3))
+    torch.save({"kind": "segmentation", "model": unet.UNet(arch="resnet18").state_dict()}, tmp_path / "best.pt")
+    out = tmp_path / "new" / "eval"
+    args = ev.parse_args(["--checkpoint", str(tmp_path / "best.pt"), "--data", str(data), "--device", "cpu",
+                          "--workers", "0", "--min-size", "0", "--out", str(out)])
+    monkeypatch.setattr(nib, "save", failing_save(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+    with pytest.raises(OSError) as e:  # evaluate.main lets it through: study.py stops on a full disk
+        ev.main(args)
+    assert re.fullmatch(f"{re.escape(str(out))}/patient001_frame\\d\\d_pred.nii.gz", e.value.filename)
+    assert e.value.errno == errno.ENOSPC and os.listdir(out) == []  # the half file is gone
+
+    monkeypatch.setattr(nib, "save", failing_save(KeyboardInterrupt()))
+    with pytest.raises(SystemExit) as e:
+        training.run_main(ev.main, args)
+    assert e.value.code == 130 and capsys.readouterr().err.splitlines()[-1] == "stopped: interrupted (Ctrl-C)"
+    assert not (tmp_path / "new").exists()  # nor the folders it made and left empty
 
 
 def test_flags_are_checked_at_parse_time(capsys):

@@ -1,6 +1,8 @@
 """predict.py: new scans segmented as evaluate.py segments them; cines, ED/ES, the tables, bad files, flags."""
 import csv
+import errno
 import json
+import os
 import shutil
 
 import nibabel as nib
@@ -11,9 +13,11 @@ import torch
 import acdc
 import normalisation  # noqa: E402
 import evaluate
+import files
 import metrics
 import phantom
 import predict
+import training
 import unet
 
 VOLUMES_HEADER = "file,frame,spacing_x,spacing_y,spacing_z,slices,RV_ml,MYO_ml,LV_ml"
@@ -135,3 +139,81 @@ def test_flags_and_output_folder_are_checked_first(setup, tmp_path, capsys):
         run(root, "-i", case.cine, "-o", str(tmp_path / "file"))
     with pytest.raises(SystemExit, match="error: -i/--input: no NIfTI scan"):
         run(root, "-i", str(tmp_path / "empty"), "-o", str(tmp_path / "out"))
+
+
+def scan(path):
+    """a tiny 3D scan of random intensities, 1.5 mm pixels"""
+    data = np.random.default_rng(0).random((16, 16, 2), np.float32) * 100
+    nib.save(nib.Nifti1Image(data, np.diag([1.5, 1.5, 8.0, 1.0])), path)
+
+
+def test_overwrite_replaces_only_what_predict_wrote(setup, tmp_path):
+    root, _ = setup
+    scan(tmp_path / "A.nii.gz")
+    for _ in range(2):  # into the input folder, twice: the marked mask is replaced, never taken for a scan
+        summary = run(root, "-i", str(tmp_path), "-o", str(tmp_path), "--overwrite")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["A.nii.gz", "A_pred.nii.gz", "indices.csv",
+                                                                "summary.json", "volumes.csv"]
+        assert [s["file"] for s in summary["segmented"]] == [str(tmp_path / "A.nii.gz")]
+        assert sorted(summary["outputs"]) == ["A_pred.nii.gz", "indices.csv", "volumes.csv"]
+    assert files.is_mask(tmp_path / "A_pred.nii.gz") and not files.is_mask(tmp_path / "A.nii.gz")
+
+    for foreign in ("B_pred.nii.gz", "volumes.csv"):  # a user's own file where an output goes is refused
+        folder = tmp_path / foreign.replace(".", "-")
+        folder.mkdir()
+        scan(folder / "B.nii.gz")
+        scan(folder / foreign) if foreign.endswith(".gz") else (folder / foreign).write_text("mine\n")
+        before = (folder / foreign).read_bytes()
+        with pytest.raises(SystemExit) as e:
+            run(root, "-i", str(folder), "-o", str(folder), "--overwrite")
+        source = folder / "B.nii.gz" if foreign.startswith("B") else "all inputs (the tables)"
+        assert str(e.value.code).startswith(f"error: {folder / foreign}: not written by predict.py")
+        assert f"the output of {source} would replace it" in e.value.code and "\n" not in e.value.code
+        assert (folder / foreign).read_bytes() == before and len(list(folder.iterdir())) == 2
+
+
+def test_linked_folders_are_followed_once(tmp_path):
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    scan(tmp_path / "real" / "sub" / "A.nii.gz")
+    (tmp_path / "real" / "sub" / "loop").symlink_to(tmp_path / "real")  # a link to a folder above
+    (tmp_path / "scans").mkdir()
+    (tmp_path / "scans" / "linked").symlink_to(tmp_path / "real")
+    found, refused, _ = predict.find_scans([str(tmp_path / "scans")], str(tmp_path / "out"))
+    assert found == [(str(tmp_path / "scans" / "linked" / "sub" / "A.nii.gz"), os.path.join("linked", "sub", "A.nii.gz"))]
+    assert not refused
+
+
+def test_values_that_overflow_once_normalised_are_refused(setup, tmp_path):
+    root, _ = setup
+    scan(tmp_path / "A.nii.gz")  # intensities up to 100, divided by 1e-38: beyond float32
+    with pytest.raises(SystemExit, match=f"refused, the first: {tmp_path / 'A.nii.gz'}: values overflow float32"):
+        run(root, "-i", str(tmp_path / "A.nii.gz"), "-o", str(tmp_path / "out"), "--norm", "0,1e-38")
+
+
+def failing_save(exception):
+    """nibabel's save, cut short by a full disk or Ctrl-C after half a file"""
+    def save(img, path):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise exception
+    return save
+
+
+def test_a_full_disk_or_ctrl_c_ends_in_one_line_leaving_nothing(setup, tmp_path, monkeypatch, capsys):
+    root, _ = setup
+    (tmp_path / "scans" / "sub").mkdir(parents=True)
+    scan(tmp_path / "scans" / "sub" / "A.nii.gz")
+    out = tmp_path / "new" / "out"
+    args = predict.parse_args(["--checkpoint", str(root / "best.pt"), "--device", "cpu", "--workers", "0",
+                               "--min-size", "0", "-i", str(tmp_path / "scans"), "-o", str(out)])
+    monkeypatch.setattr(nib, "save", failing_save(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+    with pytest.raises(SystemExit) as e:
+        training.run_main(predict.main, args)
+    assert e.value.code == f"error: {out / 'sub' / 'A_pred.nii.gz'}: No space left on device"
+    assert not (tmp_path / "new").exists()  # the half file and the folders made for it are gone
+
+    monkeypatch.setattr(nib, "save", failing_save(KeyboardInterrupt()))
+    with pytest.raises(SystemExit) as e:
+        training.run_main(predict.main, args)
+    assert e.value.code == 130 and capsys.readouterr().err.splitlines()[-1] == "stopped: interrupted (Ctrl-C)"
+    assert not (tmp_path / "new").exists()
