@@ -33,14 +33,6 @@ def folder_problem(path):
     return None
 
 
-def make_folder(path):
-    """os.makedirs -> None, or why the folder cannot be created, in words"""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        return f"cannot be created: {e.strerror}"
-
-
 def write_atomic(path, write):
     """write(temporary path), then rename: a crash never leaves half a file under the final name"""
     folder, name = os.path.split(path)

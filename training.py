@@ -129,8 +129,7 @@ def arch_of_weights(args):
 def start(args, kind):
     """the set-up both scripts open with -> (env, checkpoint dict to resume or None, what the run
     trains (for config.json), autocast, scaler, amp). Everything a run needs is checked here, before
-    any process group and before anything is written: the output folders, the data, the resume file.
-    A start refused after --out was made removes it again, when empty."""
+    any process group and before anything is written: the output folders, the data, the resume file."""
     for flag, folder in (("--out", args.out), ("--cache", args.cache)):
         if folder and (problem := files.folder_problem(folder)):
             sys.exit(f"{flag} {folder}: {problem}")
@@ -141,17 +140,17 @@ def start(args, kind):
     if args.arch == "auto":
         args.arch = arch_of_weights(args)
     experiment = run_folder.experiment_of(args)
-    made = not os.path.isdir(args.out)
-    os.makedirs(args.out, exist_ok=True)
+    files.makedirs(args.out)
     try:
         resume = run_folder.prepare_run(args, kind, experiment)
-        if args.cache and (problem := files.make_folder(args.cache)):
-            sys.exit(f"--cache {args.cache}: {problem}")
-    except BaseException:
+        if args.cache:
+            try:
+                files.makedirs(args.cache)
+            except OSError as e:
+                sys.exit(f"--cache {args.cache}: cannot be created: {e.strerror}")
+    except BaseException:  # a refused start leaves no empty folder of its own behind
         run_folder.unlock(args.out, completely=True)
-        if made:
-            with contextlib.suppress(OSError):
-                os.rmdir(args.out)  # only an empty folder: never one holding files
+        files.remove_empty_made()
         raise
     env = setup(args.device, args.dist_timeout)
     torch.manual_seed(args.seed)
@@ -239,8 +238,8 @@ def run_main(main, args):
         print("stopped: interrupted (Ctrl-C)", file=sys.stderr)
         sys.exit(130)
     finally:
-        files.remove_empty_made()  # the folders this invocation created and a failure left empty
         run_folder.unlock_all()
+        files.remove_empty_made()  # the folders this invocation created and a failure left empty
         teardown()
 
 

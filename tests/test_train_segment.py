@@ -184,13 +184,13 @@ def test_the_data_read_is_named_and_a_phantom_says_so(tiny_acdc, tmp_path, capsy
 def test_a_refused_start_creates_no_folder(tiny_acdc, tmp_path, monkeypatch):
     """a cache folder that cannot be made, a bad data path, a refused --resume file: one line each,
     and no empty --out folder left behind"""
-    real = os.makedirs
+    real = os.mkdir
 
     def refusing(path, *a, **kw):  # a filesystem that will not make this one folder
         if str(path).startswith(str(tmp_path / "nope")):
             raise PermissionError(13, "Permission denied", str(path))
         return real(path, *a, **kw)
-    monkeypatch.setattr(os, "makedirs", refusing)
+    monkeypatch.setattr(os, "mkdir", refusing)
     with pytest.raises(SystemExit, match=f"--cache {tmp_path}/nope: cannot be created: Permission denied"):
         run(tiny_acdc, tmp_path / "run", "--cache", str(tmp_path / "nope"))
     with pytest.raises(SystemExit, match="--data"):
