@@ -166,8 +166,9 @@ def read_volume(path, dtype=np.float32, ndim=3):
     """-> Volume. Reads every voxel: nibabel reads only the header at load, so a truncated file
     would otherwise fail mid-training. dtype None keeps the stored type (after any scaling)."""
     try:
-        img = nib.load(path)
-        data = np.asanyarray(img.dataobj)
+        with files.naming(path):  # nibabel's header warnings say which file
+            img = nib.load(path)
+            data = np.asanyarray(img.dataobj)
     except Exception as e:  # nibabel, gzip, zlib and mmap each raise their own kind
         reason = " ".join(str(e).split())
         raise DatasetError(f"{path}: truncated or corrupt? ({type(e).__name__}: {reason})") from e

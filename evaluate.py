@@ -189,19 +189,22 @@ def main(args):
         os.remove(os.path.join(out, "metrics.json"))        # interrupted run never passes for a finished one
 
     # ---- loop over patients: predict the ED and ES volumes, score them, write masks and a picture
-    rows, ious, clinical = [], [], []
+    rows, ious, clinical, per_volume = [], [], [], []
     for case, frames in tqdm(loader, desc="patients", unit="patient", disable=None):
         if isinstance(frames, str):
             raise acdc.DatasetError(frames)
         tiles, phases = [], {}
         for frame, image, label in frames:
             spacing = image.spacing  # mm along X, Y, Z
+            seen = inference.model_spacing(spacing, model.train_spacing[0], args.resample)
             pred = inference.predict_volume(net, image.data, device, norm, autocast, args.batch_size,
-                                            args.min_size, args.tta)  # (X, Y, Z) uint8
+                                            args.min_size, args.tta, spacing, seen)  # (X, Y, Z) uint8
             truth = torch.from_numpy(label.data).to(device)
             row = {"patient": case.patient, "frame": frame.frame, "phase": frame.phase,
                    "slices": pred.shape[2], **score_volume(pred, truth, spacing)}
             rows.append(row)
+            per_volume.append({"patient": case.patient, "frame": frame.frame, "spacing_mm": list(spacing),
+                               "model_spacing_mm": list(seen)})
             ious.append(slice_iou(pred.permute(2, 0, 1), truth.permute(2, 0, 1)).cpu())  # (Z, C)
             phases[frame.phase] = (pred, truth, spacing)
             if args.outputs == "all":
@@ -226,8 +229,8 @@ def main(args):
                "split": args.split, "cases": len(cases), "volumes": len(rows),
                **summarize(rows, ious, clinical),
                "normalisation": {"mean": norm[0], "std": norm[1], "source": norm[2]}, "tta": args.tta,
-               "device": str(device), "amp": amp, "min_size": args.min_size,
-               "seconds": round(time.time() - t0, 1)}
+               "device": str(device), "amp": amp, "min_size": args.min_size, "resample": args.resample,
+               "per_volume": per_volume, "seconds": round(time.time() - t0, 1)}
     files.write_csv(os.path.join(out, "metrics.csv"), rows)
     files.write_json(os.path.join(out, "metrics.json"), metrics)
     print(table(metrics))

@@ -4,9 +4,11 @@ Every file goes to a temporary name in the same folder and is then renamed over 
 a crash or a kill never leaves half a file under the final name, and a reader sees the old file or
 the new one, never a mixture.
 """
+import contextlib
 import csv
 import io
 import json
+import logging
 import math
 import os
 
@@ -118,13 +120,29 @@ def read_jsonl(path):
         return records
 
 
+@contextlib.contextmanager
+def naming(path):
+    """nibabel's header warnings (its 'nibabel.global' log) start with `path`: alone they name no file"""
+    def name(record):
+        record.msg, record.args = f"warning: {path}: {record.getMessage()}", ()
+        return True
+    logging.getLogger("nibabel.global").addFilter(name)
+    try:
+        yield
+    finally:
+        logging.getLogger("nibabel.global").removeFilter(name)
+
+
 def write_nifti(path, labels, source):
-    """uint8 labels on the source volume's grid: its affine and header (viewers overlay them), marked"""
-    img = nib.Nifti1Image(np.asarray(labels, dtype=np.uint8), source.affine, source.header.copy())
-    img.set_data_dtype(np.uint8)
-    img.header.set_slope_inter(1, 0)  # labels are stored as they are, never rescaled
-    img.header["descrip"] = MASK_MARK
-    write_atomic(path, lambda tmp: nib.save(img, tmp))
+    """uint8 labels on the source volume's grid: its format (NIfTI-1 or -2), affine and header (viewers
+    overlay them), marked as predict.py's"""
+    kind = nib.Nifti2Image if isinstance(source.header, nib.Nifti2Header) else nib.Nifti1Image
+    with naming(path):
+        img = kind(np.asarray(labels, dtype=np.uint8), source.affine, source.header.copy())
+        img.set_data_dtype(np.uint8)
+        img.header.set_slope_inter(1, 0)  # labels are stored as they are, never rescaled
+        img.header["descrip"] = MASK_MARK
+        write_atomic(path, lambda tmp: nib.save(img, tmp))
 
 
 def is_mask(path):

@@ -6,7 +6,7 @@ INPUT: any mix of NIfTI files (.nii, .nii.gz) holding a 3D short-axis stack (X, 
 (X, Y, Z, T), and folders searched for them recursively, links followed (an ACDC root is one);
 label files (*_gt.nii*) and masks predict.py wrote are skipped. The model segments the slices [:, :, z], as it was
 trained: the stack must run along the third axis, at a pixel size near the training data's (ACDC:
-1.37-1.68 mm). Scans are never resampled (the paper did not); one far from that gets a warning.
+1.37-1.68 mm); --resample auto resamples a scan far from it (off: a warning, as the paper did none).
 
 Writes into OUT (a folder holding files only with --overwrite, which replaces only predict.py's files):
   <path relative to its input folder>/X_pred.nii.gz
@@ -38,7 +38,6 @@ import torch
 from tqdm import tqdm
 
 import acdc
-import checkpoints
 import files
 import inference
 import normalisation
@@ -111,7 +110,8 @@ def find_scans(inputs, out):
 def read_scan(path):
     """-> acdc.Volume of a 3D volume or a 4D cine; acdc.DatasetError naming the file and the reason"""
     try:
-        shape = nib.load(path).shape
+        with files.naming(path):  # nibabel's header warnings say which file
+            shape = nib.load(path).shape
     except Exception as e:  # nibabel's ImageFileError, gzip's and others: not a NIfTI file we can read
         raise acdc.DatasetError(f"{path}: cannot be read as NIfTI ({type(e).__name__}: "
                                 f"{' '.join(str(e).split())})") from e
@@ -273,7 +273,7 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true",
                    help="write into an --out folder holding files, replacing only predict.py's own outputs")
     training.add_device_args(p)
-    inference.add_args(p)
+    inference.add_args(p, resample="auto")
     return p.parse_args(argv)
 
 
@@ -303,9 +303,8 @@ def main(args):
 
     # ---- model
     device = training.setup(args.device).device
-    ckpt = checkpoints.read_checkpoint(args.checkpoint, args.trust_checkpoint, flag="--checkpoint")
-    model, from_checkpoint = inference.load_model(ckpt, device, flag="--checkpoint", name=args.checkpoint)
-    trained, spacing_source = inference.train_spacing(ckpt)
+    model, from_checkpoint = inference.load_model(args.checkpoint, device, args.trust_checkpoint, "--checkpoint")
+    trained, spacing_source = model.train_spacing
     norm = normalisation.for_inference(args.norm, from_checkpoint)
     net = torch.compile(model) if args.compile else model
     autocast, _, amp = training.autocast(device, args.amp)
@@ -334,17 +333,18 @@ def main(args):
             warnings.append(message)
             tqdm.write(f"warning: {path}: {message}", file=sys.stderr)
         spacing = scan.spacing[:3]
-        for message in inference.geometry_warnings(spacing, trained):
+        seen = inference.model_spacing(spacing, trained, args.resample)
+        for message in inference.geometry_warnings(spacing, trained, seen):
             warn(message)
         labels = inference.predict_volume(net, scan.data, device, norm, autocast, args.batch_size,
-                                          args.min_size, args.tta)  # (X, Y, Z[, T]) uint8
+                                          args.min_size, args.tta, spacing, seen)  # (X, Y, Z[, T]) uint8
         stem = stem_of(rel)
         files.makedirs(os.path.dirname(os.path.join(out, stem)))
         files.write_nifti(output(stem, "_pred.nii.gz"), labels.cpu().numpy(), scan)
         volumes, rows = measure(labels, spacing, rel)
         volume_rows += rows
         done.append({"file": path, "output": stem + "_pred.nii.gz", "shape": list(labels.shape),
-                     "spacing_mm": list(spacing), "warnings": warnings})
+                     "spacing_mm": list(spacing), "model_spacing_mm": list(seen), "warnings": warnings})
 
         folder, case = os.path.dirname(path), case_name(path, rel)
         if labels.dim() == 4:  # a cine
@@ -372,7 +372,7 @@ def main(args):
                "normalisation": {"mean": norm[0], "std": norm[1], "source": norm[2]},
                "train_spacing_mm": {**trained, "source": spacing_source},
                "device": str(device), "device_name": training.device_name(device), "amp": amp,
-               "tta": args.tta, "min_size": args.min_size, "batch_size": args.batch_size,
+               "tta": args.tta, "resample": args.resample, "min_size": args.min_size, "batch_size": args.batch_size,
                "inputs": [{"path": os.path.abspath(g), "synthetic_phantom": phantom.get(g, False)}
                           for g in args.input],
                "synthetic_phantom": any(phantom.values()),

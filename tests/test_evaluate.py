@@ -152,5 +152,5 @@ def test_flags_are_checked_at_parse_time(capsys):
     with pytest.raises(SystemExit):
         ev.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
-    assert "(default: 32)" in text and "(default: checkpoint)" in text
+    assert "(default: 32)" in text and "(default: checkpoint)" in text and "(default: off)" in text  # --resample
     assert 'that phantom.py wrote say "synthetic phantom".' in text  # the whole description, not its first line

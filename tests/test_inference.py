@@ -102,3 +102,31 @@ def test_geometry_warnings_against_the_training_spacing():
     assert "third axis" in axis
     [pixel] = inference.geometry_warnings((0.7, 0.7, 8.0), acdc_range)
     assert "in-plane spacing 0.7 x 0.7 mm" in pixel and "1.37-1.68" in pixel
+
+
+def test_resampling_to_the_training_spacing():
+    trained = {"in_plane": (1.37, 1.68), "between_slices": (5.0, 10.0)}
+    assert inference.model_spacing((0.7, 0.7, 8.0), trained) == (1.37, 1.37, 8.0)  # auto: far outside, clamped
+    assert inference.model_spacing((2.5, 1.5, 8.0), trained, "auto") == (1.68, 1.5, 8.0)  # the nearest end
+    assert inference.model_spacing((1.2, 1.2, 8.0), trained, "auto") == (1.2, 1.2, 8.0)  # within 25 %: as it is
+    assert inference.model_spacing((1.2, 1.2, 8.0), trained, "on") == (1.37, 1.37, 8.0)
+    assert inference.model_spacing((0.7, 0.7, 8.0), trained, "off") == (0.7, 0.7, 8.0)
+    # the spacing warning gives way to one line when the slices are resampled
+    assert inference.geometry_warnings((0.7, 0.7, 8.0), trained, (1.37, 1.37, 8.0)) == \
+        ["resampled from 0.7 x 0.7 mm to 1.37 x 1.37 mm"]
+    assert "--resample off" in inference.geometry_warnings((0.7, 0.7, 8.0), trained, (0.7, 0.7, 8.0))[0]
+
+    seen = []
+
+    class Recorder(Threshold):
+        def forward(self, x):
+            seen.append(tuple(x.shape[-2:]))
+            return super().forward(x)
+    volume = np.random.default_rng(0).uniform(0, 150, size=(40, 50, 3)).astype(np.float32)
+    volume[10:30, 10:40] = 300  # a bright block: the labels follow it on the scan's grid
+    pred = inference.predict_volume(Recorder(), volume, "cpu", min_size=0, spacing=(0.7, 0.7), to=(1.4, 1.4))
+    assert seen == [(32, 32)] and pred.shape == (40, 50, 3) and pred.dtype == torch.uint8  # 20 x 25, padded
+    assert (pred[12:28, 12:38] == 3).all()
+    # antialiased when shrinking: a 9 x 9 checkerboard averages to grey, not to a sample of its squares
+    board = (torch.arange(9)[:, None] + torch.arange(9)).remainder(2).float()[None, None]
+    assert ((inference.resize(board, (3, 3)) - 0.5).abs() < 0.2).all()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import acdc
+import checkpoints
 import normalisation  # noqa: E402
 import evaluate
 import files
@@ -51,9 +52,11 @@ def read_csv(path):
 
 def test_plain_folder_matches_evaluate_and_bad_files_are_refused(setup, capsys):
     root, case = setup
-    evaluate.main(evaluate.parse_args(["--checkpoint", str(root / "best.pt"), "--data", str(root / "data"),
-                                       "--out", str(root / "eval"), "--device", "cpu", "--workers", "0",
-                                       "--min-size", "0"]))
+    scored = evaluate.main(evaluate.parse_args(["--checkpoint", str(root / "best.pt"), "--data", str(root / "data"),
+                                                "--out", str(root / "eval"), "--device", "cpu", "--workers", "0",
+                                                "--min-size", "0"]))
+    assert scored["resample"] == "off" and scored["per_volume"][0]["model_spacing_mm"] == \
+        scored["per_volume"][0]["spacing_mm"] == list(nib.load(case.frames[0].image).header.get_zooms())
     scans = root / "scans"  # the images without their _gt files, a cine in a subfolder, and bad files
     (scans / "cine").mkdir(parents=True)
     for f in case.frames:
@@ -217,3 +220,39 @@ def test_a_full_disk_or_ctrl_c_ends_in_one_line_leaving_nothing(setup, tmp_path,
         training.run_main(predict.main, args)
     assert e.value.code == 130 and capsys.readouterr().err.splitlines()[-1] == "stopped: interrupted (Ctrl-C)"
     assert not (tmp_path / "new").exists()
+
+
+def test_resampling_nifti2_and_header_warnings(setup, tmp_path, capsys, caplog):
+    root, case = setup
+    source = nib.load(case.frames[0].image)
+    z = float(source.header.get_zooms()[2])
+    scan = nib.Nifti2Image(np.asanyarray(source.dataobj), np.diag([0.7, 0.7, z, 1.0]))  # a finer scanner, NIfTI-2
+    scan.header.set_qform(scan.affine, code=1)
+    scan.header.set_sform(scan.affine, code=2)
+    scan.header.set_xyzt_units("mm", "sec")
+    nib.save(scan, tmp_path / "fine.nii")
+    summary = run(root, "-i", str(tmp_path / "fine.nii"), "-o", str(tmp_path / "auto"))  # --resample auto
+    [done] = summary["segmented"]
+    assert done["spacing_mm"] == pytest.approx([0.7, 0.7, z]) and done["model_spacing_mm"] == pytest.approx([1.2, 1.2, z])
+    assert done["warnings"] == ["resampled from 0.7 x 0.7 mm to 1.2 x 1.2 mm"]  # replaces the spacing warning
+    assert f"{tmp_path / 'fine.nii'}: resampled from 0.7 x 0.7 mm to 1.2 x 1.2 mm" in capsys.readouterr().err
+    out = nib.load(tmp_path / "auto" / "fine_pred.nii.gz")  # NIfTI-2 in, NIfTI-2 out, its header kept
+    assert isinstance(out, nib.Nifti2Image) and out.shape == scan.shape and np.allclose(out.affine, scan.affine)
+    assert (out.header["qform_code"], out.header["sform_code"], out.header.get_xyzt_units()) == (1, 2, ("mm", "sec"))
+
+    # nibabel's own header warnings name the file: here a negative pixel size, which it reads as positive
+    flipped = nib.Nifti1Image(np.asanyarray(source.dataobj), source.affine)
+    flipped.header["pixdim"][1] = -1.5
+    nib.save(flipped, tmp_path / "flipped.nii")
+    assert predict.read_scan(str(tmp_path / "flipped.nii")).spacing[0] == 1.5
+    said = [r.getMessage() for r in caplog.records if "pixdim" in r.getMessage()]
+    assert said and all(m.startswith(f"warning: {tmp_path / 'flipped.nii'}: pixdim") for m in said)
+
+
+def test_unknown_checkpoint_says_no_segmentation_model_is_published(setup, tmp_path):
+    root, case = setup
+    for name in ("bets.pt", "byol_acdc_backbone_last.pth"):  # a typo; a published backbone, never downloaded
+        with pytest.raises(checkpoints.CheckpointError) as e:
+            predict.main(predict.parse_args(["--checkpoint", name, "-i", case.cine, "-o", str(tmp_path / "o")]))
+        assert str(e.value).startswith(f"--checkpoint {name}: no such file, and no segmentation model is published")
+        assert "best.pt" in str(e.value) and "supervised_imagenet" not in str(e.value)  # no backbone names
