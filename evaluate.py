@@ -213,8 +213,8 @@ def main(args):
                 files.write_nifti(os.path.join(out, f"{name}_pred.nii.gz"), pred_cpu.numpy(), image)
                 dice = ", ".join(f"{s} {row[f'dice_{s}']:.3f}" for s in STRUCTURES.values())
                 volume, labels = torch.from_numpy(image.data), torch.from_numpy(label.data)
-                tiles += [(f"{frame.phase} (frame {frame.frame}), "
-                           f"slice {z + 1} of {pred.shape[2]}: Dice {dice}", volume, labels, pred_cpu, z)
+                tiles += [(f"{frame.phase} (frame {frame.frame}), slice {z + 1} of {pred.shape[2]}; "
+                           f"the volume's Dice {dice}", volume, labels, pred_cpu, z)
                           for z in pictures.pick_slices(truth)]
         (ed_pred, ed_truth, ed_sp), (es_pred, es_truth, es_sp) = phases["ED"], phases["ES"]
         clinical.append((clinical_indices(ed_pred, es_pred, ed_sp, es_sp),

@@ -38,8 +38,11 @@ def epoch_lines(folder):
 
 
 def epochs_to(curve, share):
-    """epochs trained until the curve [(epoch, IoU)] first reached `share` of its best (nan: never)"""
+    """epochs trained until the curve [(epoch, IoU)] first reached `share` of its best (nan: never, or
+    a best of 0: nothing learned, so no epoch reached anything)"""
     best = max((v for _, v in curve), default=float("nan"))
+    if not best > 0:
+        return float("nan")
     return next((epoch + 1 for epoch, v in curve if v >= share * best), float("nan"))
 
 

@@ -74,8 +74,8 @@ def test_main_end_to_end(tmp_path, capsys):
     texts = [t.text for t in svg.iter("{http://www.w3.org/2000/svg}text")]
     ed = next(r for r in rows if r["patient"] == "1" and r["phase"] == "ED")
     assert "patient001 (synthetic phantom): image | truth | prediction" in texts and {"RV", "MYO", "LV"} <= set(texts)
-    assert any(t.startswith(f"ED (frame {ed['frame']}), slice ") and f"Dice RV {float(ed['dice_RV']):.3f}" in t
-               for t in texts)
+    assert any(t.startswith(f"ED (frame {ed['frame']}), slice ")  # the volume's Dice, not the slice's
+               and f"; the volume's Dice RV {float(ed['dice_RV']):.3f}" in t for t in texts)
     assert len(svg.findall(".//{http://www.w3.org/2000/svg}image")) % 3 == 0
     assert not list(out.glob("*.png"))
 

@@ -4,12 +4,14 @@ pool of two CPU processes, reported, and refused with other settings. Then, with
 settings, a damaged study.json, and a report over hand-damaged run files."""
 import csv
 import json
+import math
 import os
 import xml.etree.ElementTree as ET
 
 import pytest
 
 import grid
+import results
 import study
 
 SETTINGS = ["--strategies", "none,pretrain:none:1", "--fractions", "0.5,1", "--seeds", "0", "--lengths", "0",
@@ -181,3 +183,16 @@ def test_report_skips_each_run_with_a_damaged_file_and_reports_the_others(tmp_pa
     os.mkdir(folder / "results.csv")
     with pytest.raises(SystemExit, match=f"error: the report cannot be written in {folder}: .*results.csv"):
         study.main(study.parse_args(["report", "--study", str(folder)]))
+
+
+def test_a_run_that_learned_nothing_has_no_convergence_numbers():
+    """a best validation IoU of 0 reached nothing: n/a, not '1.0 epochs to 95 %' and 'speed-up 1.00 x'"""
+    assert math.isnan(results.epochs_to([(0, 0.0), (1, 0.0)], 0.95))
+    assert results.epochs_to([(0, 0.2), (1, 0.5)], 0.95) == 2
+    row = {"strategy": "none", "fraction": 1.0, "seed": 0, "best_val_iou": 0.0, "epochs_to_95": float("nan"),
+           "pretrain_epochs": None, "test_iou_with_background": 0.5, "mean_dice": 0.5, "wall_s": 1.0, "step_s": 1.0}
+    text = results.markdown([row, {**row, "strategy": "other", "best_val_iou": 0.5, "epochs_to_95": 3}], [],
+                            "t", "none", 1.0)
+    convergence = text[text.index("## Convergence"):]
+    line = next(t for t in convergence.splitlines() if t.startswith("| none"))
+    assert "n/a" in line and "1.0" not in line and "1.00 x" not in text
