@@ -1,16 +1,19 @@
 """study.py on a tiny phantom: a BYOL pretraining and random weights, two label fractions, one seed,
 the pretraining-length study at epoch 0 (the backbone before training); planned, stopped, reported half-done, finished by a
 pool of two CPU processes, reported, and refused with other settings. Then, without training: impossible
-settings, a damaged study.json, and a report over hand-damaged run files."""
+settings, a damaged study.json, and a report over hand-damaged run files. Last, a study in its own process
+group stopped by Ctrl-C or Slurm's SIGTERM."""
 import csv
 import json
 import os
+import signal
 import xml.etree.ElementTree as ET
 
 import pytest
 
 import grid
 import study
+from test_run_folder import signalled_in_their_group
 
 SETTINGS = ["--strategies", "none,pretrain:none:1", "--fractions", "0.5,1", "--seeds", "0", "--lengths", "0",
             "--pretrain-args", "--size 32 --batch-size 8 --warmup-epochs 1 --log-every 5"]
@@ -181,3 +184,20 @@ def test_report_skips_each_run_with_a_damaged_file_and_reports_the_others(tmp_pa
     os.mkdir(folder / "results.csv")
     with pytest.raises(SystemExit, match=f"error: the report cannot be written in {folder}: .*results.csv"):
         study.main(study.parse_args(["report", "--study", str(folder)]))
+
+
+def test_ctrl_c_or_sigterm_to_the_process_group_stops_a_study_after_the_step(phantom, tmp_path):
+    train = ["--arch", "resnet18", "--size", "32", "--batch-size", "8", "--epochs", "2", "--warmup-epochs", "1",
+             "--workers", "1", "--log-every", "1", "--device", "cpu", "--min-size", "0", "--val-batch-size", "8"]
+
+    def study_py(name):
+        return ["study.py", "run", "--study", str(tmp_path / name), "--data", phantom, "--strategies", "none",
+                "--fractions", "1", "--seeds", "0", "--", *train]
+    outcomes = signalled_in_their_group([(signal.SIGINT, study_py("int"), tmp_path / "int"),
+                                         (signal.SIGTERM, study_py("term"), tmp_path / "term")], tmp_path)
+    for name, (status, output) in zip(("int", "term"), outcomes):
+        run = tmp_path / name / "runs" / "none" / "fraction-1" / "seed-0"
+        assert status == 75 and "Traceback" not in output, output
+        assert output.endswith("stopped (a signal or --stop-after): run the same command again to continue\n")
+        assert "to continue, run again with --resume auto" in (run / "output.log").read_text()
+        assert (run / "checkpoint.pt").exists() and not (run / "failed.txt").exists()
