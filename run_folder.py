@@ -6,16 +6,16 @@ checkpoint.pt (everything needed to continue exactly) and the exported weights (
 fine-tuning, backbone.pth of pretraining). Both training scripts live a run in this order:
 
 1. lock: one process owns a folder at a time. run.lock names its host and process and carries a
-   heartbeat; a second run is refused; a stale lock (its process gone, or no heartbeat for STALE_S
-   seconds, which covers other hosts on a shared filesystem) is taken over with a notice.
+   heartbeat; a second run is refused; a stale lock (no heartbeat for STALE_S seconds on any host,
+   or its process gone on this one; or a record that cannot be read) is taken over with a notice.
 2. start (prepare_run): what would lose or mix runs is refused before anything is written: a
    folder holding another run without --resume auto or --overwrite, a --resume file that is not
    this kind of checkpoint, or one trained with other experiment flags (EXPERIMENT_FLAGS).
 3. begin: --overwrite removes the old run's files only now, when the new run is about to write
    its own; a resumed run drops the log lines written after its checkpoint; config.json is written.
-4. steps: the loop asks StopSignal.agreed() after every step. SIGTERM or SIGUSR1 (what clusters
-   send before a time limit) only set a flag: the run finishes its current step, and under DDP all
-   ranks stop after the same one.
+4. steps: the loop asks StopSignal.agreed() after every step. SIGTERM, SIGUSR1 (what clusters send
+   before a time limit) or SIGINT (Ctrl-C) only set a flag: the run finishes its current step, and
+   under DDP all ranks stop after the same one; a second Ctrl-C ends the process at once.
 5. checkpoint (save_checkpoint): every --save-every epochs, at the end and when stopped, the
    unwrapped model, optimizer, grad scaler, counters and every random state (each rank's
    augmentation stream), written atomically. Its "epoch" is the next epoch to start, which is the
@@ -23,7 +23,7 @@ fine-tuning, backbone.pth of pretraining). Both training scripts live a run in t
 6. resume: --resume auto loads that checkpoint into a run of the same shape; the loader's sampler
    skips the batches of the current epoch done before the stop (slices.SkipDoneSampler), so the
    resumed run takes the same batches and random draws as an uninterrupted one.
-7. finish: one last line naming the files written, and the lock given back.
+7. finish: a last line (the files written, or how to continue: the script exits 75) and the lock given back.
 """
 import atexit
 import contextlib
@@ -46,7 +46,8 @@ from checkpoints import read_checkpoint
 RUN_FILES = ("checkpoint.pt", "config.json", "log.jsonl", "curves.svg", "best.pt", "backbone.pth")
 LOCK = "run.lock"
 HEARTBEAT_S = 30   # how often the owner rewrites its heartbeat
-STALE_S = 600      # a lock without a heartbeat for this long is stale (its host may be another machine)
+STALE_S = 600      # a lock without a heartbeat for this long is stale, on any host
+exit_status = 0    # the training scripts': 75 (EX_TEMPFAIL) when their run stopped before its end (finish)
 
 
 def unwrap(model):
@@ -74,7 +75,8 @@ def read_owner(path):
     for _ in range(20):  # a new lock's owner may not have written its record yet: read again shortly
         try:
             with open(path) as f:
-                return json.load(f)
+                owner = json.load(f)
+            return owner if isinstance(owner, dict) else {}
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
@@ -85,7 +87,7 @@ def read_owner(path):
 def _alive(pid):
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # (a pid beyond any process's)
         return False
     except PermissionError:  # it exists, as another user's process
         return True
@@ -93,14 +95,16 @@ def _alive(pid):
 
 
 def stale_reason(owner):
-    """why a lock's owner no longer holds it, or None while it does: on this host its process is
-    gone; on another (a shared cluster filesystem) its heartbeat is older than STALE_S"""
-    if not owner:
+    """why a lock's owner no longer holds it, or None while it does: no heartbeat for STALE_S on any host
+    (a process suspended that long loses its folder; a pid may be another process's by now), or its
+    process gone on this host. A record without an integer pid, a numeric heartbeat and a host is unreadable."""
+    pid, beat, host = (owner.get(k) for k in ("pid", "heartbeat", "host"))
+    if type(pid) is not int or type(beat) not in (int, float) or not isinstance(host, str):
         return "unreadable lock file"
-    if owner.get("host") == socket.gethostname():
-        return None if _alive(int(owner.get("pid", -1))) else f"process {owner.get('pid')} is gone"
-    age = time.time() - float(owner.get("heartbeat", 0))
-    return f"no heartbeat for {age:.0f} s" if age > STALE_S else None
+    age = time.time() - beat
+    if not abs(age) <= STALE_S:  # (a heartbeat in the future, infinite or nan is no heartbeat either)
+        return f"no heartbeat for {age:.0f} s"
+    return f"process {pid} is gone" if host == socket.gethostname() and not _alive(pid) else None
 
 
 def take_over(path, owner):
@@ -152,7 +156,7 @@ def try_lock(folder):
             if reason is None:
                 age = time.time() - float(owner["heartbeat"])
                 return (f"--out {folder} is in use by another run: host {owner['host']}, "
-                        f"process {owner['pid']}, started {owner['started']}, last heartbeat {age:.0f} s ago "
+                        f"process {owner['pid']}, started {owner.get('started')}, last heartbeat {age:.0f} s ago "
                         f"({path}); wait for it to finish or choose another --out")
             print(f"notice: taking over the stale lock of {folder} ({reason}; it was held by "
                   f"{owner.get('host')} process {owner.get('pid')})")
@@ -312,16 +316,18 @@ def truncate_log(path, step, epoch):
 # 4. steps: a signal asks the run to stop after the current step
 
 class StopSignal:
-    """SIGTERM / SIGUSR1 (what clusters send before killing a job) ask the run to finish its step,
-    write checkpoint.pt and exit; --resume auto picks it up"""
+    """SIGTERM / SIGUSR1 (what clusters send before killing a job) or SIGINT (Ctrl-C) ask the run to finish
+    its step, write checkpoint.pt and exit; --resume auto picks it up. A second Ctrl-C ends it at once."""
 
     def __init__(self, control=None):
         self.requested, self.control = False, control  # control: training.Env.control
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
+        if signum == signal.SIGINT:  # the next Ctrl-C gets the system's default: the process ends there
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     def agreed(self):
         """whether to stop after this step. Under DDP every rank must stop after the same step (or the
@@ -365,13 +371,16 @@ def resume(ckpt, model, optimizer, scaler, config):
 
 
 def finish(out, stopped, step, names, summary):
-    """the run's last line (rank 0), naming only the files it wrote, and its lock given back"""
-    if stopped:
-        print(f"stopped at step {step}: {out}/checkpoint.pt written; continue with --resume auto")
-    else:
+    """the run's end on every rank: its exit status; on rank 0 its last line, naming only the files it
+    wrote (or how to continue a stopped run), and its lock given back"""
+    global exit_status
+    exit_status = 75 if stopped else 0
+    if stopped and is_main_process():
+        print(f"stopped at step {step}: {out}/checkpoint.pt written; to continue, run again with --resume auto")
+    elif is_main_process():
         written = [name for name in names if os.path.exists(os.path.join(out, name))]
         print(f"done: {summary}; in {out}: {', '.join(written)}")
-    unlock(out)
+    unlock(out)  # (held by rank 0 only)
 
 
 # -----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ acdc.py's slice cache (a memory-mapped .npy, checksummed); workers map it, nothi
 import itertools
 import math
 import os
+import signal
 import warnings
 
 import nibabel as nib
@@ -179,13 +180,21 @@ class SkipDoneSampler(torch.utils.data.Sampler):
         return len(self.sampler) - self.skip
 
 
+def ignore_stop_signals(worker_id):
+    """a loader worker ignores SIGINT and SIGTERM: Ctrl-C and Slurm signal the whole process group, and
+    the training decides when to stop; its workers end with the loader, or when their parent is gone"""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def make_loader(dataset, batch_size, env, workers, seed):
     """built once: the workers persist across epochs (the sampler runs in this process, so
-    loader.sampler.set_epoch(epoch, skip) before each epoch reaches them)"""
+    loader.sampler.set_epoch(epoch, skip) before each epoch reaches them); they ignore stop signals"""
     sampler = torch.utils.data.DistributedSampler(
         dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed, drop_last=True)
     workers = default_workers(workers)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=SkipDoneSampler(sampler), num_workers=workers,
         collate_fn=collate_slices, drop_last=True, pin_memory=env.device.type == "cuda",
-        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=ignore_stop_signals)

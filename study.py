@@ -168,13 +168,15 @@ STOPPING = {"requested": False}
 
 
 def STOP(signum, frame):
-    """SIGTERM / SIGUSR1 between runs (during a run, the training script's own handlers stop it after
-    its step): the study stops before its next run"""
+    """SIGTERM / SIGUSR1 / SIGINT between runs (during a run, the training script's own handlers stop
+    it after its step): the study stops before its next run; a second Ctrl-C ends it at once"""
     STOPPING["requested"] = True
+    if signum == signal.SIGINT:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def listen(handler):
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, handler)
 
 
@@ -227,9 +229,9 @@ def pool(args):
                "cpu" if device == "cpu" else "cuda", "--", *(args.train_args or [])]
         procs.append(subprocess.Popen(cmd, env=env))
 
-    def forward(signum, frame):  # a cluster's SIGTERM to this process reaches every worker
-        for proc in procs:
-            proc.send_signal(signum)
+    def forward(signum, frame):  # a cluster's SIGTERM to this process reaches every worker; Ctrl-C
+        for proc in procs:  # reaches them from the terminal too: forwarded as SIGTERM, it counts once
+            proc.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
     listen(forward)
     codes = [p.wait() for p in procs]
     # a failure (1) or a killed worker (< 0) wins over "try again later" (75) and success (0)

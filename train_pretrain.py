@@ -244,11 +244,12 @@ def main(args):
             break
 
     # -------------------------------------------------------------------- save and tear-down
-    if env.main:
-        run_folder.finish(args.out, run.stopped, run.step, ["backbone.pth", "checkpoint.pt", "curves.svg"],
-                          "backbone.pth is the target backbone")
+    stopped = run.step < run.total_steps  # (by a signal or --stop-after) before the end of the last epoch
+    run_folder.finish(args.out, stopped, run.step, ["backbone.pth", "checkpoint.pt", "curves.svg"],
+                      "backbone.pth is the target backbone")
     return byol
 
 
 if __name__ == "__main__":
     training.run_main(main, parse_args())
+    sys.exit(run_folder.exit_status)  # 75 when stopped before the end: run again with --resume auto

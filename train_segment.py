@@ -324,11 +324,12 @@ def main(args):
             break
 
     # -------------------------------------------------------------------- save and tear-down
-    if env.main:
-        run_folder.finish(args.out, run.stopped, run.step, ["best.pt", "checkpoint.pt", "curves.svg"],
-                          f"best validation IoU {run.best:.4f} at epoch {run.best_epoch}")
+    stopped = run.step < run.total_steps  # (by a signal or --stop-after) before the end of the last epoch
+    run_folder.finish(args.out, stopped, run.step, ["best.pt", "checkpoint.pt", "curves.svg"],
+                      f"best validation IoU {run.best:.4f} at epoch {run.best_epoch}")
     return net
 
 
 if __name__ == "__main__":
     training.run_main(main, parse_args())
+    sys.exit(run_folder.exit_status)  # 75 when stopped before the end: run again with --resume auto

@@ -1,8 +1,12 @@
 """run_folder.py: the run folder's lock (one owner, stale locks taken over), log truncation on resume,
 and, through train_segment.py, what the folder rules protect: an old run from a typo, a run from
-a resume with other flags, a folder from a second process, a checkpoint from a killed save."""
+a resume with other flags, a folder from a second process, a checkpoint from a killed save; a
+training in its own process group stopped by Ctrl-C or Slurm's SIGTERM, loader workers included."""
+import contextlib
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -61,6 +65,25 @@ def test_a_stale_lock_is_taken_over_with_a_notice(tiny_acdc, tmp_path, capsys):
         run_folder.lock(str(tmp_path / "c"))
 
 
+OLD, UNREADABLE = "no heartbeat for", "unreadable lock file"
+
+
+@pytest.mark.parametrize("record, reason", [
+    ({"heartbeat": time.mktime((2023, 1, 1, 0, 0, 0, 0, 0, -1))}, OLD),  # pid 1 lives: another process by now
+    ({"heartbeat": float("nan")}, OLD), ({"pid": "abc"}, UNREADABLE), ({"pid": ...}, UNREADABLE),
+    ({"pid": 1.0}, UNREADABLE), ({"heartbeat": "2026-01-01"}, UNREADABLE), ({"host": None}, UNREADABLE),
+    ([1], UNREADABLE)])
+def test_an_old_or_malformed_lock_record_holds_no_folder(tmp_path, capsys, record, reason):
+    if isinstance(record, dict):  # over a record that would hold: this host, pid 1 (alive), a fresh heartbeat
+        record = {"host": socket.gethostname(), "pid": 1, "started": "2023-01-01", "heartbeat": time.time(), **record}
+        record = {k: v for k, v in record.items() if v is not ...}  # ...: no such key
+    (tmp_path / run_folder.LOCK).write_text(json.dumps(record))
+    assert run_folder.try_lock(str(tmp_path)) is None
+    assert json.load(open(tmp_path / run_folder.LOCK))["pid"] == os.getpid()
+    run_folder.unlock(str(tmp_path))
+    assert f"notice: taking over the stale lock of {tmp_path} ({reason}" in capsys.readouterr().out
+
+
 def test_the_lock_counts_its_holders(tmp_path):
     folder = str(tmp_path)
     run_folder.lock(folder)
@@ -84,6 +107,7 @@ def test_a_typo_with_overwrite_leaves_the_old_run_intact(tiny_acdc, tmp_path):
 def test_resume_refuses_flags_that_change_what_is_trained(tiny_acdc, tmp_path, capsys):
     out = tmp_path / "run"
     run(tiny_acdc, out, "--label-fraction", "0.5", "--stop-after", "2")
+    assert run_folder.exit_status == 75  # what the script exits with: stopped before its end
     with pytest.raises(SystemExit) as refused:
         run(tiny_acdc, out, "--resume", "auto", "--label-fraction", "1.0", "--loss", "dice")
     message = str(refused.value)
@@ -99,6 +123,7 @@ def test_resume_refuses_flags_that_change_what_is_trained(tiny_acdc, tmp_path, c
     run(tiny_acdc, out, "--resume", "auto", "--label-fraction", "0.5", "--log-every", "2", "--workers", "1")
     config = json.load(open(out / "config.json"))
     assert config["args"]["log_every"] == 2 and config["experiment"]["label_fraction"] == 0.5
+    assert run_folder.exit_status == 0  # finished
 
 
 def test_resume_removes_what_a_killed_save_left_redone_log_lines_and_a_torn_one(tiny_acdc, tmp_path, capsys):
@@ -127,6 +152,66 @@ def test_a_signal_stops_a_single_process_after_the_current_step(tiny_acdc, tmp_p
     run(tiny_acdc, tmp_path / "run", "--log-every", "100")  # no logging interval to wait for
     assert calls["n"] == 2
     assert max(r["step"] for r in records(tmp_path / "run") if "step" in r) == 2
+
+
+def test_after_one_ctrl_c_the_next_ends_the_process_at_once():
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        signal.signal(signal.SIGINT, lambda *_: None)  # (what StopSignal must replace)
+        stop = run_folder.StopSignal()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and signal.getsignal(signal.SIGINT) == signal.SIG_DFL  # the system's: it ends
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def signalled_in_their_group(commands, tmp_path):
+    """start each (signal, argv, folder) as `python argv` in its own process group (a terminal's foreground
+    job, a Slurm job step); once a log.jsonl under folder has a line (a step done), send the signal to the
+    whole group, loader workers included -> [(exit status, output)]"""
+    started = []
+    for i, (sig, argv, folder) in enumerate(commands):
+        output = open(tmp_path / f"output{i}.txt", "w+")
+        started.append((subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=output, stderr=subprocess.STDOUT,
+                                          env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True),
+                        output, sig, folder))
+    waiting, deadline = list(started), time.time() + 300
+    try:
+        while waiting and time.time() < deadline:
+            for item in [w for w in waiting if w[0].poll() is not None
+                         or any(p.stat().st_size for p in w[3].rglob("log.jsonl"))]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(item[0].pid, item[2])
+                waiting.remove(item)
+            time.sleep(0.02)
+        outcomes = []
+        for proc, output, _, _ in started:
+            proc.wait(timeout=max(1, deadline - time.time()))
+            output.seek(0)
+            outcomes.append((proc.returncode, output.read()))
+        return outcomes
+    finally:
+        for proc, *_ in started:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_ctrl_c_or_sigterm_to_the_process_group_stops_a_training_after_its_step(phantom, tmp_path):
+    def train(name):
+        return ["train_segment.py", "--data", phantom, "--out", str(tmp_path / name), "--arch", "resnet18",
+                "--size", "32", "--batch-size", "8", "--epochs", "2", "--warmup-epochs", "1", "--workers", "1",
+                "--log-every", "1", "--device", "cpu", "--val-batch-size", "8", "--min-size", "0"]
+    outcomes = signalled_in_their_group([(signal.SIGINT, train("int"), tmp_path / "int"),
+                                         (signal.SIGTERM, train("term"), tmp_path / "term")], tmp_path)
+    for name, (status, output) in zip(("int", "term"), outcomes):
+        assert status == 75 and "Traceback" not in output and "DataLoader worker" not in output, output
+        assert re.search(rf"\nstopped at step [1-5]: {tmp_path / name}/checkpoint.pt written; to continue, run "
+                         rf"again with --resume auto\n$", output), output
+        assert os.path.exists(tmp_path / name / "checkpoint.pt")
 
 
 def test_log_truncation_keeps_what_the_checkpoint_holds(tmp_path):

@@ -1,11 +1,13 @@
 """study.py on a tiny phantom: a BYOL pretraining and random weights, two label fractions, one seed,
 the pretraining-length study at epoch 0 (the backbone before training); planned, stopped, reported half-done, finished by a
 pool of two CPU processes, reported, and refused with other settings. Then, without training: impossible
-settings, a damaged study.json, and a report over hand-damaged run files."""
+settings, a damaged study.json, and a report over hand-damaged run files. Last, a study in its own process
+group stopped by Ctrl-C or Slurm's SIGTERM."""
 import csv
 import json
 import math
 import os
+import signal
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -13,6 +15,7 @@ import pytest
 import grid
 import results
 import study
+from test_run_folder import signalled_in_their_group
 
 SETTINGS = ["--strategies", "none,pretrain:none:1", "--fractions", "0.5,1", "--seeds", "0", "--lengths", "0",
             "--pretrain-args", "--size 32 --batch-size 8 --warmup-epochs 1 --log-every 5"]
@@ -196,3 +199,20 @@ def test_a_run_that_learned_nothing_has_no_convergence_numbers():
     convergence = text[text.index("## Convergence"):]
     line = next(t for t in convergence.splitlines() if t.startswith("| none"))
     assert "n/a" in line and "1.0" not in line and "1.00 x" not in text
+
+
+def test_ctrl_c_or_sigterm_to_the_process_group_stops_a_study_after_the_step(phantom, tmp_path):
+    train = ["--arch", "resnet18", "--size", "32", "--batch-size", "8", "--epochs", "2", "--warmup-epochs", "1",
+             "--workers", "1", "--log-every", "1", "--device", "cpu", "--min-size", "0", "--val-batch-size", "8"]
+
+    def study_py(name):
+        return ["study.py", "run", "--study", str(tmp_path / name), "--data", phantom, "--strategies", "none",
+                "--fractions", "1", "--seeds", "0", "--", *train]
+    outcomes = signalled_in_their_group([(signal.SIGINT, study_py("int"), tmp_path / "int"),
+                                         (signal.SIGTERM, study_py("term"), tmp_path / "term")], tmp_path)
+    for name, (status, output) in zip(("int", "term"), outcomes):
+        run = tmp_path / name / "runs" / "none" / "fraction-1" / "seed-0"
+        assert status == 75 and "Traceback" not in output, output
+        assert output.endswith("stopped (a signal or --stop-after): run the same command again to continue\n")
+        assert "to continue, run again with --resume auto" in (run / "output.log").read_text()
+        assert (run / "checkpoint.pt").exists() and not (run / "failed.txt").exists()

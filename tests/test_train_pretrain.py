@@ -185,7 +185,7 @@ def test_an_error_on_one_rank_ends_the_whole_job(tiny_acdc, tmp_path):
 SIGNALLED = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import train_pretrain
+import run_folder, train_pretrain
 real, calls = train_pretrain.train_step, [0]
 def step_then_signal(*args):  # rank 1 alone is told to stop, during its second step
     calls[0] += 1
@@ -194,7 +194,8 @@ def step_then_signal(*args):  # rank 1 alone is told to stop, during its second 
     return real(*args)
 train_pretrain.train_step = step_then_signal
 train_pretrain.main(train_pretrain.parse_args(sys.argv[1:]))
-print("rank", os.environ["RANK"], "steps", calls[0])
+print("rank", os.environ["RANK"], "steps", calls[0], "exit", run_folder.exit_status)
+sys.exit(run_folder.exit_status)  # as the script's __main__ does
 """
 
 
@@ -204,6 +205,7 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tiny_acdc, tm
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script),
            *tiny_args(tiny_acdc, out, "--epochs", "1", "--log-every", "100")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "rank 0 steps 2" in done.stdout and "rank 1 steps 2" in done.stdout
+    # every rank exits 75 (stopped, to be resumed), which torchrun reports as a failed child
+    assert done.returncode != 0 and "exitcode  : 75" in done.stderr, done.stderr[-3000:]
+    assert "rank 0 steps 2 exit 75" in done.stdout and "rank 1 steps 2 exit 75" in done.stdout
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
