@@ -42,6 +42,7 @@ import files
 import inference
 import normalisation
 import pictures
+import precision
 import training
 from metrics import ed_es_frames, indices_of_volumes, volumes_ml
 
@@ -249,7 +250,7 @@ def parse_args(argv=None):
     p.add_argument("-o", "--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true",
                    help="write into an --out folder that already holds files (replacing same-named results)")
-    training.add_device_args(p)
+    training.add_device_args(p, amp="off", tf32="off")  # IEEE fp32, as the paper scored
     inference.add_args(p)
     return p.parse_args(argv)
 
@@ -279,12 +280,12 @@ def main(args):
 
     # ---- model
     device = training.setup(args.device).device
+    autocast, _, amp = precision.autocast(device, args.amp, args.tf32)  # before the model
     ckpt = checkpoints.read_checkpoint(args.checkpoint, args.trust_checkpoint, flag="--checkpoint")
     model, from_checkpoint = inference.load_model(ckpt, device, flag="--checkpoint", name=args.checkpoint)
     trained, spacing_source = inference.train_spacing(ckpt)
     norm = normalisation.for_inference(args.norm, from_checkpoint)
     net = torch.compile(model) if args.compile else model
-    autocast, _, amp = training.autocast(device, args.amp)
     print(f"segmenting {len(scans)} files ({skipped} label files skipped) on {device}, amp {amp}, "
           f"tta {'on' if args.tta else 'off'}; input normalised as (x - {norm[0]:.6g}) / {norm[1]:.6g}, "
           f"{norm[2]}; trained on in-plane spacing {trained['in_plane'][0]:g}-{trained['in_plane'][1]:g} mm, "
@@ -348,7 +349,8 @@ def main(args):
                "normalisation": {"mean": norm[0], "std": norm[1], "source": norm[2]},
                "train_spacing_mm": {**trained, "source": spacing_source},
                "device": str(device), "device_name": training.device_name(device), "amp": amp,
-               "tta": args.tta, "min_size": args.min_size, "batch_size": args.batch_size,
+               "precision": precision.name(device, amp), "tta": args.tta, "min_size": args.min_size,
+               "batch_size": args.batch_size,
                "inputs": [{"path": os.path.abspath(g), "synthetic_phantom": phantom.get(g, False)}
                           for g in args.input],
                "synthetic_phantom": any(phantom.values()),
