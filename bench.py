@@ -3,6 +3,7 @@
     python bench.py pretrain --batch-size 128 --amp bf16 [--compile]     # BYOL step
     python bench.py segment --batch-size 192 --amp bf16 [--compile]      # U-Net fine-tuning step
     python bench.py evaluate                                              # volumes/s, whole evaluation path
+    python bench.py stem                  # a GPU check: the stem under bf16 autocast equals IEEE fp32 (<= 1e-6)
     python bench.py segment --device cpu --arch resnet18 --size 64 --batch-size 8 --steps 5
 
 For a training mode it times (a) the ceiling: the training step of train_pretrain.py /
@@ -17,6 +18,7 @@ import contextlib
 import itertools
 import json
 import os
+import sys
 import tempfile
 import time
 from types import SimpleNamespace
@@ -28,6 +30,7 @@ import inference
 import metrics
 import normalisation
 import phantom
+import precision
 import slices
 import train_pretrain
 import train_segment
@@ -39,19 +42,17 @@ from unet import UNet
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=training.HelpFormatter)
-    p.add_argument("mode", choices=["pretrain", "segment", "evaluate"], help="which path to time")
+    p.add_argument("mode", choices=["pretrain", "segment", "evaluate", "stem"], help="which path to time")
     p.add_argument("--data", default="data/acdc-synth",
                    help="ACDC root; a phantom is written to a temporary folder if absent")
     p.add_argument("--batch-size", type=int, default=None,
                    help="default: the paper's (pretrain 128, segment 192, evaluate 32)")
     p.add_argument("--size", type=int, default=224, help="crop side (the paper: 224)")
     p.add_argument("--arch", default="resnet50", choices=list(ARCHS), help="encoder")
-    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    training.add_device_args(p)
     p.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=5,
                    help="untimed steps first (compilation, cudnn autotuning)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--workers", type=int, default=-1, help="loader workers; -1: as the training scripts")
     p.add_argument("--seed", type=int, default=0, help="seed")
     return p.parse_args(argv)
@@ -104,7 +105,7 @@ class Stopwatch:
 def build(args, env, dataset_kind):
     """-> (inputs(batch on device, generator): the script's augmentation,
            step(inputs): its training step, amp)"""
-    autocast, scaler, amp = training.autocast(env.device, args.amp)
+    autocast, scaler, amp = precision.autocast(env.device, args.amp, args.tf32)
     run = training.Run(args=SimpleNamespace(size=args.size, crop_scale=(0.08, 1.0), paper_inputs=False),
                        env=env, mean=normalisation.MEAN, std=normalisation.STD)
     # the scripts' models and optimizers, wrapped as they wrap them
@@ -132,7 +133,7 @@ def build(args, env, dataset_kind):
 def seconds_per_step(mode, arch, size, batch_size, amp, device, compile=False, steps=3, warmup=2):
     """the ceiling on a synthetic batch, without data: for estimates (study.py plan --estimate)"""
     env = training.setup(device)
-    args = SimpleNamespace(arch=arch, size=size, amp=amp, compile=compile)
+    args = SimpleNamespace(arch=arch, size=size, amp=amp, tf32="auto", compile=compile)
     inputs, step, _ = build(args, env, mode)
     batch = {"image": 200 * torch.rand(batch_size, 1, size, size, device=env.device),
              "size": torch.full((batch_size, 2), size, device=env.device),
@@ -197,7 +198,7 @@ def bench_evaluate(args, env, data):
     frames = [f for c in cases for f in c.frames]
     _, model = training.wrap(UNet(in_chans=1, num_classes=4, arch=args.arch), env, args.compile)
     model.eval()
-    autocast, _, amp = training.autocast(env.device, args.amp)
+    autocast, _, amp = precision.autocast(env.device, args.amp, args.tf32)
     frames = itertools.cycle(frames)
 
     def one_volume():  # read, predict slice by slice, score: evaluate.py's path for one volume
@@ -218,19 +219,34 @@ def bench_evaluate(args, env, data):
             "volumes_per_s": count / timer.total}
 
 
+def check_stem(args, env, data):
+    """the stem's output (batch statistics, as in training) under bf16 autocast and in TF32, each against
+    IEEE fp32, on uniform raw intensities 0-1000 at the paper's fine-tuning scale"""
+    net = ARCHS[args.arch](in_chans=1).to(env.device, memory_format=torch.channels_last)
+    raw = 1000 * torch.rand(args.batch_size, 1, args.size, args.size, device=env.device)
+    x = normalisation.normalize(raw, *normalisation.paper_scale()).contiguous(memory_format=torch.channels_last)
+    out = []
+    for amp, tf32 in (("off", "off"), ("bf16", "auto"), ("off", "on")):
+        with torch.no_grad(), precision.autocast(env.device, amp, tf32)[0]():
+            out.append(net.stem(x).float())
+    bf16, tf32 = (((y - out[0]).norm() / out[0].norm()).item() for y in out[1:])
+    return {"mode": "stem", "arch": args.arch, "size": args.size, "batch_size": args.batch_size, "amp": "bf16",
+            "device": training.device_name(env.device), "stem_rel_diff_bf16": bf16, "stem_rel_diff_tf32": tf32}
+
+
 def main(args):
-    args.batch_size = args.batch_size or {"pretrain": 128, "segment": 192, "evaluate": 32}[args.mode]
+    args.batch_size = args.batch_size or {"pretrain": 128, "segment": 192, "evaluate": 32, "stem": 32}[args.mode]
     env = training.setup(args.device)
     torch.manual_seed(args.seed)
     if env.device.type == "cuda":  # (training.setup already turned on cuDNN autotuning, as in training)
         torch.cuda.reset_peak_memory_stats(env.device)
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data
-        if not os.path.isdir(data):
+        if not os.path.isdir(data) and args.mode != "stem":  # (the stem check needs no data)
             print(f"{data} not found: writing a phantom to a temporary folder")
             data = os.path.join(tmp, "acdc")
             phantom.write_phantom(data, patients=20, seed=args.seed)
-        bench = bench_evaluate if args.mode == "evaluate" else bench_training
+        bench = {"evaluate": bench_evaluate, "stem": check_stem}.get(args.mode, bench_training)
         result = bench(args, env, data)
     result["peak_memory_gb"] = (torch.cuda.max_memory_allocated(env.device) / 2**30
                                 if env.device.type == "cuda" else None)
@@ -238,7 +254,10 @@ def main(args):
     # a readable table, then one JSON line
     print(f"\n{args.mode} on {result['device']}: {args.arch}, batch {args.batch_size}, amp {result['amp']}, "
           f"compile {args.compile}")
-    if args.mode == "evaluate":
+    if args.mode == "stem":
+        print(f"  stem against IEEE fp32: bf16 autocast {result['stem_rel_diff_bf16']:.2e}, TF32 "
+              f"{result['stem_rel_diff_tf32']:.2e}")
+    elif args.mode == "evaluate":
         print(f"  evaluation path        {result['volumes_per_s']:10.2f} volumes/s")
     else:
         print(f"  ceiling (data on device) {result['ceiling_images_per_s']:10.1f} images/s")
@@ -250,6 +269,8 @@ def main(args):
     if result["peak_memory_gb"] is not None:
         print(f"  peak device memory       {result['peak_memory_gb']:10.2f} GB")
     print(json.dumps(result))
+    if result.get("stem_rel_diff_bf16", 0) > 1e-6:  # the check: bf16 autocast must leave the stem in IEEE fp32
+        sys.exit(f"error: the stem under bf16 autocast differs from IEEE fp32 by {result['stem_rel_diff_bf16']:.2e}")
     return result
 
 

@@ -29,6 +29,7 @@ import files
 import inference
 import normalisation
 import pictures
+import precision
 import training
 from metrics import (STRUCTURES, agreement, clinical_indices, mean_std, paper_iou_summary, score_volume,
                      slice_iou)
@@ -98,7 +99,7 @@ def parse_args(argv=None):
                         "checkpoint)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results of a finished evaluation in --out")
-    training.add_device_args(p)
+    training.add_device_args(p, amp="off", tf32="off")  # IEEE fp32, as the paper scored
     inference.add_args(p)
     p.add_argument("--outputs", default="all", choices=["all", "metrics"],
                    help="all: masks and pictures too; metrics: metrics.json and metrics.csv only (the study "
@@ -161,6 +162,7 @@ def main(args):
         sys.exit(f"error: --out {out} holds a finished evaluation (metrics.json): pass --overwrite or choose "
                  f"another --out")
     device = training.setup(args.device).device
+    autocast, _, amp = precision.autocast(device, args.amp, args.tf32)  # before the model
 
     # ---- data and model
     print(f"data: {acdc.describe(args.data)}")
@@ -180,7 +182,6 @@ def main(args):
     loader = torch.utils.data.DataLoader(CaseVolumes(cases, norm), batch_size=None, collate_fn=as_is,
                                          num_workers=args.workers)
     net = torch.compile(model) if args.compile else model
-    autocast, _, amp = training.autocast(device, args.amp)
     print(f"evaluating {len(cases)} patients of split '{args.split}' on {device}, amp {amp}, "
           f"tta {'on' if args.tta else 'off'}; input normalised as (x - {norm[0]:.6g}) / {norm[1]:.6g}, "
           f"{norm[2]}; writing to {out}")
@@ -229,8 +230,9 @@ def main(args):
                "split": args.split, "cases": len(cases), "volumes": len(rows),
                **summarize(rows, ious, clinical),
                "normalisation": {"mean": norm[0], "std": norm[1], "source": norm[2]}, "tta": args.tta,
-               "device": str(device), "amp": amp, "min_size": args.min_size, "resample": args.resample,
-               "per_volume": per_volume, "seconds": round(time.time() - t0, 1)}
+               "device": str(device), "amp": amp, "precision": precision.name(device, amp),
+               "min_size": args.min_size, "resample": args.resample, "per_volume": per_volume,
+               "seconds": round(time.time() - t0, 1)}
     files.write_csv(os.path.join(out, "metrics.csv"), rows)
     files.write_json(os.path.join(out, "metrics.json"), metrics)
     print(table(metrics))

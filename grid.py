@@ -34,7 +34,7 @@ PAPER_STRATEGIES = ["none", "supervised_imagenet", "resnet50_byol_imagenet2012.p
                     "byol-imagenet-acdc-ep=25.pth", "byol_acdc_backbone_last.pth"]
 PAPER_FRACTIONS = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
 PAPER_SEEDS = [0, 13, 42, 123, 1111, 77, 62, 91, 7, 5]
-PAPER_LENGTHS = [*range(11), 12, 14, 16, 18, 20, 22, 24, 25, 50, 100, 200, 300, 400]
+PAPER_LENGTHS = [*range(1, 12), 13, 15, 17, 19, 21, 23, 25, 26, 51, 101, 201, 301, 401]  # its ep=N: N + 1 epochs
 # every setting study.json records (and the data's fingerprint), with its default
 DEFAULTS = {"data": "data/acdc-synth", "strategies": PAPER_STRATEGIES, "fractions": PAPER_FRACTIONS,
             "seeds": PAPER_SEEDS, "lengths": [], "length_fractions": [1.0], "length_seeds": [13], "train_args": [],
@@ -45,6 +45,11 @@ FRACTION, COUNT = training.number(float, above=0, high=1), training.number(int, 
 def listed(kind):
     """an argparse type: a comma-separated list of `kind` values (kind refuses a bad one)"""
     return lambda text: [kind(v) for v in text.split(",") if v.strip()]
+
+
+def lengths_type(text):
+    """an argparse type: --lengths, epochs completed (comma-separated), or paper (PAPER_LENGTHS)"""
+    return list(PAPER_LENGTHS) if text == "paper" else listed(COUNT)(text)
 
 
 def strategy_type(text):
@@ -133,6 +138,13 @@ def finished(folder, epochs):
     """a fine-tuning or pretraining ran all its epochs (its log has the last epoch's line)"""
     path = os.path.join(folder, "log.jsonl")
     return os.path.exists(path) and any(r["epoch"] == epochs - 1 for r in results.epoch_lines(folder))
+
+
+def origin(entry):
+    """"paper" for an entry of the paper's committed grid (its six published weights x its fractions x
+    its seeds: 600 fine-tunings), "added" for the rest (random initialisation, pretrainings done here)"""
+    paper = entry.strategy in PAPER_STRATEGIES[1:] and entry.fraction in PAPER_FRACTIONS and entry.seed in PAPER_SEEDS
+    return "paper" if paper else "added"
 
 
 def label(entry):

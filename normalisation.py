@@ -47,18 +47,18 @@ def data_statistics(root, cache_dir=None):
 
 
 # -----------------------------------------------------------------------------
-# training: --norm published | data
+# training: --norm published | data | paper (fine-tuning only: train_pretrain.py refuses it)
 
 def add_training_flag(p):
-    p.add_argument("--norm", default="published", choices=["published", "data"],
+    p.add_argument("--norm", default="published", choices=["published", "data", "paper"],
                    help="input normalisation: the published models' ACDC statistics (mean 67.27, std 84.66), "
-                        "or those of --data's labelled train slices; "
-                        "pretraining and fine-tuning should use the same")
+                        "those of --data's labelled train slices, or (fine-tuning) those x 255, the paper's "
+                        "fine-tuning scale; pretraining and fine-tuning should use the same")
 
 
 def for_training(args):
     """(mean, std) of a training run, as --norm asks (and --paper-inputs, in pretraining)"""
-    if getattr(args, "paper_inputs", False):
+    if getattr(args, "paper_inputs", False) or args.norm == "paper":
         return paper_scale()
     return PUBLISHED if args.norm == "published" else data_statistics(args.data, args.cache)
 

@@ -42,6 +42,7 @@ import files
 import inference
 import normalisation
 import pictures
+import precision
 import training
 from metrics import ed_es_frames, indices_of_volumes, volumes_ml
 
@@ -272,7 +273,7 @@ def parse_args(argv=None):
     p.add_argument("-o", "--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true",
                    help="write into an --out folder holding files, replacing only predict.py's own outputs")
-    training.add_device_args(p)
+    training.add_device_args(p, amp="off", tf32="off")  # IEEE fp32, as the paper scored
     inference.add_args(p, resample="auto")
     return p.parse_args(argv)
 
@@ -303,11 +304,11 @@ def main(args):
 
     # ---- model
     device = training.setup(args.device).device
+    autocast, _, amp = precision.autocast(device, args.amp, args.tf32)  # before the model
     model, from_checkpoint = inference.load_model(args.checkpoint, device, args.trust_checkpoint, "--checkpoint")
     trained, spacing_source = model.train_spacing
     norm = normalisation.for_inference(args.norm, from_checkpoint)
     net = torch.compile(model) if args.compile else model
-    autocast, _, amp = training.autocast(device, args.amp)
     print(f"segmenting {len(scans)} files ({skipped} label files skipped) on {device}, amp {amp}, "
           f"tta {'on' if args.tta else 'off'}; input normalised as (x - {norm[0]:.6g}) / {norm[1]:.6g}, "
           f"{norm[2]}; trained on in-plane spacing {trained['in_plane'][0]:g}-{trained['in_plane'][1]:g} mm, "
@@ -372,7 +373,8 @@ def main(args):
                "normalisation": {"mean": norm[0], "std": norm[1], "source": norm[2]},
                "train_spacing_mm": {**trained, "source": spacing_source},
                "device": str(device), "device_name": training.device_name(device), "amp": amp,
-               "tta": args.tta, "resample": args.resample, "min_size": args.min_size, "batch_size": args.batch_size,
+               "precision": precision.name(device, amp), "tta": args.tta, "resample": args.resample,
+               "min_size": args.min_size, "batch_size": args.batch_size,
                "inputs": [{"path": os.path.abspath(g), "synthetic_phantom": phantom.get(g, False)}
                           for g in args.input],
                "synthetic_phantom": any(phantom.values()),

@@ -168,11 +168,12 @@ def markdown(rows, missing, title, reference, fraction_for_speed):
                          f"speed-up vs {reference}"], lines)]
     length = [r for r in rows if r["pretrain_epochs"] is not None]
     if length:
-        lines = [[s, e, cell([r["test_iou_with_background"] for r in runs]),
+        # the paper named a snapshot after N + 1 epochs ep=N (0-based epochs); 0 epochs are the initial weights
+        lines = [[s, e, f"ep={e - 1}" if e else "-", cell([r["test_iou_with_background"] for r in runs]),
                   cell([r["epochs_to_95"] for r in runs], 1)]
                  for (s, e), runs in sorted(group(length, "strategy", "pretrain_epochs").items())]
-        parts += ["", "## Pretraining length", "", table(["pretraining", "pretraining epochs", "test IoU",
-                                                          "epochs to 95%"], lines)]
+        parts += ["", "## Pretraining length", "", table(["pretraining", "pretraining epochs", "the paper's label",
+                                                          "test IoU", "epochs to 95%"], lines)]
     wall, step = (sum(r[k] for r in rows if math.isfinite(r[k])) for k in ("wall_s", "step_s"))
     if step:
         parts += ["", "## Time", "", f"The runs' wall time {wall:.0f} s, of which {step:.0f} s in training epochs "

@@ -36,7 +36,7 @@ import train_pretrain
 import train_segment
 import training
 from grid import (COUNT, DEFAULTS, FRACTION, PAPER_LENGTHS, add_time, count_slices, failed_since, finished, keep,
-                  label, listed, missing_weights, plan, recorded_settings, state, strategy_type)
+                  label, lengths_type, listed, missing_weights, origin, plan, recorded_settings, state, strategy_type)
 from slices import label_fraction_plan
 
 WAITING = 75  # EX_TEMPFAIL: --index on a run whose pretraining is not finished: try again later
@@ -112,7 +112,8 @@ def train_args(entry, s, device):
         return [*saves, *s["train_args"], *common, "--weights", entry.weights, "--label-fraction",
                 f"{entry.fraction:g}"]
     keep = [e for e in s["lengths"] if e <= entry.pretrain_epochs] + [entry.pretrain_epochs]
-    shared = ["--arch", given.arch, "--workers", str(given.workers), "--amp", given.amp, "--norm", given.norm]
+    shared = ["--arch", given.arch, "--workers", str(given.workers), "--amp", given.amp, "--tf32", given.tf32]
+    shared += ["--norm", given.norm] if given.norm in ("published", "data") else []  # paper: fine-tuning's alone
     shared += ["--cache", given.cache] if given.cache else []
     return [*shared, *s["pretrain_args"].split(), *common, "--init", entry.weights, "--epochs",
             str(entry.pretrain_epochs), "--save-backbone-epochs", ",".join(map(str, sorted(set(keep))))]
@@ -145,7 +146,7 @@ def execute(entry, s, args, tag):
                 evaluate.main(evaluate.parse_args([
                     "--checkpoint", os.path.join(entry.folder, "best.pt"), "--data", s["data"],
                     "--split", "test", "--out", os.path.join(entry.folder, "test"),
-                    "--min-size", str(parsed.min_size), "--device", parsed.device, "--amp", parsed.amp,
+                    "--min-size", str(parsed.min_size), "--device", parsed.device,  # in IEEE fp32, as the paper
                     "--outputs", "metrics", "--workers", "0", "--overwrite"]))
         timing = add_time(entry.folder, time.time() - t0)
         files.write_json(os.path.join(entry.folder, "result.json"),
@@ -274,7 +275,7 @@ def show_plan(entries):
     for i, e in enumerate(entries):
         now = state(e)
         counts[now] = counts.get(now, 0) + 1
-        print(f"{i:5d}  {now:<11} {label(e)}  {e.folder}")
+        print(f"{i:5d}  {now:<11} {origin(e):<5} {label(e)}  {e.folder}")
     for strategy in dict.fromkeys(e.strategy for e in entries if state(e) == "unavailable"):
         entry = next(e for e in entries if e.strategy == strategy)
         print(f"skipped: {missing_weights(entry)}")
@@ -295,9 +296,9 @@ def parse_args(argv=None):
     p.add_argument("--fractions", type=listed(FRACTION), default=None,
                    help="label fractions (default: the paper's)")
     p.add_argument("--seeds", type=listed(COUNT), default=None, help="seeds (default: the paper's ten)")
-    p.add_argument("--lengths", type=listed(COUNT), default=None,
-                   help="pretraining epochs to fine-tune from, for each pretrain: strategy (the paper's: "
-                        + ",".join(map(str, PAPER_LENGTHS)) + ")")
+    p.add_argument("--lengths", type=lengths_type, default=None,
+                   help="pretraining epochs completed to fine-tune from, for each pretrain: strategy; paper: "
+                        + ",".join(map(str, PAPER_LENGTHS)) + " (its labels ep=N plus one)")
     p.add_argument("--length-fractions", type=listed(FRACTION), default=None, help="their label fractions (1.0)")
     p.add_argument("--length-seeds", type=listed(COUNT), default=None, help="their seeds (the paper's: 13)")
     p.add_argument("--pretrain-args", type=pretrain_flags, default=None,

@@ -78,6 +78,8 @@ def parse_args(argv=None):
                         "(modulo 256: 300 -> 44), the ED and ES frame files next to the cine (those slices "
                         "twice), PIL's bicubic crops and uint8 jitter, ((x mod 256) / 255 - 67.27) / 84.66")
     args = p.parse_args(argv)
+    if args.norm == "paper":  # the same numbers, but on raw intensities, not on the uint8 images --paper-inputs makes
+        p.error("--norm paper is the paper's fine-tuning scale; for its pretraining inputs use --paper-inputs")
     if args.paper_inputs and args.norm != "published":
         p.error("--paper-inputs normalises as the paper did; it takes no --norm")
     return args

@@ -1,9 +1,9 @@
-"""The plumbing both training scripts share: common flags, DDP, mixed precision, schedule, loader, faults.
+"""The plumbing both training scripts share: common flags, DDP, schedule, loader, faults.
 
-In detail: the command-line flags they have in common, DDP set-up and tear-down, mixed precision,
-the warmup-cosine schedule, the random states a resume restores, and the health checks that stop a
-run on a non-finite loss. A run's life (lock, signals, checkpoints, resume) is run_folder.py's; the
-input normalisation is normalisation.py's.
+In detail: the command-line flags they have in common, DDP set-up and tear-down, the warmup-cosine
+schedule, the random states a resume restores, and the health checks that stop a run on a
+non-finite loss. A run's life (lock, signals, checkpoints, resume) is run_folder.py's; the input
+normalisation is normalisation.py's; autocast and TF32 are precision.py's.
 
 Plain functions, not a framework: train_pretrain.py and train_segment.py call them in the
 order they read (arguments -> distributed and AMP -> data -> model -> optimizer -> resume ->
@@ -26,6 +26,7 @@ import acdc
 import checkpoints
 import files
 import normalisation
+import precision
 import run_folder
 from checkpoints import CheckpointError
 
@@ -64,13 +65,16 @@ def number(kind, low=None, high=None, above=None, multiple=None):
     return parse
 
 
-def add_device_args(p):
-    """--device, --amp, --compile, --trust-checkpoint: how any script runs a model"""
+def add_device_args(p, amp="auto", tf32="auto"):
+    """--device, --amp, --tf32, --compile, --trust-checkpoint: how any script runs a model (its own defaults)"""
     p.add_argument("--device", default="auto",
                    help="auto, cpu, cuda or cuda:N (under torchrun: the local rank's GPU)")
-    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+    p.add_argument("--amp", default=amp, choices=["auto", "bf16", "fp16", "off"],
                    help="mixed precision; auto: bf16 on a GPU that supports it, "
                         "fp16 on other GPUs, off on CPU")
+    p.add_argument("--tf32", default=tf32, choices=["auto", "on", "off"],
+                   help="under --amp off, TF32 in fp32 convolutions and matmuls on GPUs (auto: PyTorch's "
+                        "default, convolutions only); ignored under bf16/fp16, where the stem stays IEEE fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow full unpickling of checkpoints that hold more than tensors "
@@ -154,7 +158,7 @@ def start(args, kind):
         raise
     env = setup(args.device, args.dist_timeout)
     torch.manual_seed(args.seed)
-    return (env, resume, experiment, *autocast(env.device, args.amp))
+    return (env, resume, experiment, *precision.autocast(env.device, args.amp, args.tf32))
 
 
 # -----------------------------------------------------------------------------
@@ -283,20 +287,6 @@ def wrap(net, env, compile):
 
 
 # -----------------------------------------------------------------------------
-# mixed precision: one code path for CPU, bf16 and fp16 (as nanoGPT)
-
-def autocast(device, amp):
-    """-> (context factory, GradScaler, dtype name). The scaler is enabled only for fp16."""
-    if amp == "auto":
-        amp = "off" if device.type != "cuda" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-    scaler = torch.amp.GradScaler(device.type, enabled=(amp == "fp16"))
-    if dtype is None:
-        return contextlib.nullcontext, scaler, amp
-    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler, amp
-
-
-# -----------------------------------------------------------------------------
 # schedules: pure functions of the step
 
 def warmup_cosine(step, total_steps, warmup_steps, base_lr, start_lr=0.0, final_lr=0.0):
@@ -339,7 +329,8 @@ def run_config(args, env, **derived):
     """every argument plus the environment and derived numbers, for config.json and the start-up print"""
     return {"args": vars(args), "torch": str(torch.__version__), "device": str(env.device),
             "device_name": device_name(env.device),
-            "world_size": env.world_size, "argv": sys.argv, **derived}
+            "world_size": env.world_size, "argv": sys.argv, **derived,
+            "precision": precision.name(env.device, derived["amp"]), "tf32": precision.tf32_state()}
 
 
 def print_config(config):

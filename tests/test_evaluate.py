@@ -15,6 +15,7 @@ import acdc
 import normalisation  # noqa: E402
 import evaluate as ev
 import phantom
+import precision
 import training
 import unet
 
@@ -35,8 +36,13 @@ def test_main_end_to_end(tmp_path, capsys):
                 "num_classes": 4}, run / "best.pt")
     argv = ["--checkpoint", str(run / "best.pt"), "--data", str(data), "--split", "test", "--device", "cpu",
             "--workers", "0", "--min-size", "0", "--batch-size", "8"]
+    precision.set_tf32(True, True)  # as an earlier run in this process (study.py) may leave it
     metrics = ev.main(ev.parse_args(argv))
     printed = capsys.readouterr().out
+    # IEEE fp32 by default, the paper's scoring: TF32 off for the whole process, and metrics.json says so
+    assert precision.tf32_state() == {"convolutions": False, "matmuls": False}
+    assert (metrics["amp"], metrics["precision"]) == ("off", "fp32")
+    precision.set_tf32(True, False)  # PyTorch's defaults again
     assert f"data: {data} (synthetic phantom, not ACDC)" in printed  # the data read, and what it is
     assert metrics["data"] == {"path": str(data), "synthetic_phantom": True}
     assert "the checkpoint's: stored in the checkpoint" in printed and metrics["normalisation"]["mean"] == normalisation.MEAN

@@ -79,6 +79,7 @@ def test_plain_folder_matches_evaluate_and_bad_files_are_refused(setup, capsys):
     assert all(f"refused: {path}: " in err for path in refused)  # one line each, naming the file
     assert summary["normalisation"]["source"] == "the checkpoint's: stored in the checkpoint"
     assert len(summary["segmented"]) == 3 and not summary["synthetic_phantom"]  # the copies are plain files
+    assert (summary["amp"], summary["precision"]) == ("off", "fp32")  # IEEE fp32 by default
 
     # the same label maps as evaluate.py's
     for f in case.frames:

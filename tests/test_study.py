@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import xml.etree.ElementTree as ET
+from types import SimpleNamespace
 
 import pytest
 
@@ -216,3 +217,45 @@ def test_ctrl_c_or_sigterm_to_the_process_group_stops_a_study_after_the_step(pha
         assert output.endswith("stopped (a signal or --stop-after): run the same command again to continue\n")
         assert "to continue, run again with --resume auto" in (run / "output.log").read_text()
         assert (run / "checkpoint.pt").exists() and not (run / "failed.txt").exists()
+
+
+def test_plan_marks_the_paper_grid_and_what_the_study_adds(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    settings = {**grid.DEFAULTS, "strategies": ["none", "supervised_imagenet"], "fractions": [0.1, 0.3],
+                "seeds": [0]}
+    study.show_plan(grid.plan(str(tmp_path / "study"), settings))
+    out = capsys.readouterr().out
+    for line in ("added none, fraction 0.1, seed 0", "added none, fraction 0.3, seed 0",
+                 "paper supervised_imagenet, fraction 0.1, seed 0",
+                 "added supervised_imagenet, fraction 0.3, seed 0"):  # 0.3: not one of the paper's fractions
+        assert f"to do       {line}  " in out
+
+
+def test_lengths_paper_are_the_paper_labels_plus_one_and_the_report_prints_both(tmp_path, capsys):
+    lengths = study.parse_args(["plan", "--study", str(tmp_path), "--lengths", "paper"]).lengths
+    assert lengths == [*range(1, 12), 13, 15, 17, 19, 21, 23, 25, 26, 51, 101, 201, 301, 401]
+    folder = tmp_path / "study"
+    os.makedirs(folder)
+    (folder / "study.json").write_text(json.dumps({"data": str(tmp_path), "strategies": ["pretrain:none:26"],
+                                                   "fractions": [1.0], "seeds": [0], "lengths": [26]}))
+    run = next(e for e in grid.plan(str(folder), {**grid.DEFAULTS, **json.loads((folder / "study.json").read_text())})
+               if e.kind == "finetune" and e.pretrain_epochs == 26)
+    fake_run(run.folder, 13)
+    assert study.main(study.parse_args(["report", "--study", str(folder)])) == 0
+    assert "| pretrain:none:26 | 26 | ep=25 |" in (folder / "results.md").read_text()  # the paper's ep=25
+
+
+def test_evaluation_is_ieee_fp32_and_pretraining_gets_only_its_own_norm(tmp_path, monkeypatch):
+    evaluated = []
+    monkeypatch.setattr(study.train_segment, "main", lambda args: None)
+    monkeypatch.setattr(study, "finished", lambda folder, epochs: True)
+    monkeypatch.setattr(study.evaluate, "main", evaluated.append)
+    entry = grid.Entry("finetune", "none", 1.0, 0, str(tmp_path / "run"), "none", None, None)
+    s = {"data": str(tmp_path), "train_args": ["--amp", "bf16"], "lengths": [], "pretrain_args": ""}
+    assert study.execute(entry, s, SimpleNamespace(device=None, keep="all"), "[0/1]") == "done"
+    assert (evaluated[0].amp, evaluated[0].tf32) == ("off", "off")  # not the fine-tuning's bf16
+    pretraining = grid.Entry("pretrain", "pretrain:none:2", None, None, str(tmp_path / "p"), "none", None, 2)
+    s["train_args"] = ["--norm", "paper"]
+    assert "--norm" not in study.train_args(pretraining, s, None)  # paper: the fine-tuning's scale alone
+    s["train_args"] = ["--norm", "data"]
+    assert " --norm data " in " ".join(study.train_args(pretraining, s, None)) + " "

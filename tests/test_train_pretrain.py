@@ -107,6 +107,13 @@ def test_a_finished_run_is_not_overwritten(tiny_acdc, tmp_path):
         run(tiny_acdc, tmp_path / "run", "--epochs", "1")
 
 
+def test_norm_paper_is_refused_with_the_way_to_the_paper_inputs(capsys):
+    with pytest.raises(SystemExit) as refused:
+        train_pretrain.parse_args(["--norm", "paper"])
+    assert refused.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(
+        "error: --norm paper is the paper's fine-tuning scale; for its pretraining inputs use --paper-inputs")
+
+
 def test_missing_data_root_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="--data"):
         run(str(tmp_path / "nowhere"), tmp_path / "run")

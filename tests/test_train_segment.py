@@ -9,6 +9,7 @@ import torch
 
 import acdc
 import normalisation  # noqa: E402
+import precision
 import slices
 import train_segment
 from checkpoints import CheckpointError
@@ -67,7 +68,8 @@ def test_perfect_prediction_has_zero_loss():
 
 def test_short_run_writes_best_and_log(tiny_acdc, tmp_path):
     out = tmp_path / "run"
-    run(tiny_acdc, out)
+    precision.set_tf32(False, False)  # as an evaluation in the same process leaves it: --tf32 auto restores
+    run(tiny_acdc, out, "--norm", "paper")  # the paper's fine-tuning scale, stored for evaluation
     assert {"best.pt", "checkpoint.pt", "config.json", "log.jsonl"} <= set(os.listdir(out))
     epochs = [r for r in records(out) if "val_iou" in r]
     assert [r["epoch"] for r in epochs] == [0, 1]
@@ -75,6 +77,9 @@ def test_short_run_writes_best_and_log(tiny_acdc, tmp_path):
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["kind"] == "segmentation" and best["arch"] == "resnet18"
     assert best["val"]["val_iou"] == max(r["val_iou"] for r in epochs)
+    assert (best["mean"], best["std"]) == (255 * normalisation.MEAN, 255 * normalisation.STD)
+    config = json.load(open(out / "config.json"))
+    assert (config["precision"], config["tf32"]) == ("fp32", {"convolutions": True, "matmuls": False})
 
 
 def test_resume_after_a_signal_continues_exactly(tiny_acdc, tmp_path, monkeypatch):

@@ -107,15 +107,6 @@ def test_health_stops_on_a_collapsed_fp16_scale():
         health.check(torch.tensor(1.0), scaler, 7)
 
 
-def test_autocast_off_on_cpu_by_default():
-    ctx, scaler, amp = training.autocast(torch.device("cpu"), "auto")
-    assert amp == "off" and not scaler.is_enabled()
-    ctx, scaler, amp = training.autocast(torch.device("cpu"), "bf16")
-    with ctx():
-        y = torch.nn.Linear(4, 4)(torch.randn(2, 4))
-    assert y.dtype == torch.bfloat16 and not scaler.is_enabled()
-
-
 def test_epoch_sampler_orders_by_epoch_and_skips_what_was_seen():
     sampler = slices.SkipDoneSampler(torch.utils.data.DistributedSampler(range(10), num_replicas=1, rank=0, seed=3))
     sampler.set_epoch(2)
