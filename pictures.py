@@ -5,12 +5,14 @@
     chart.line([0, 1, 2], [0.2, 0.5, 0.6], "BYOL ACDC", band=([...], [...]))
     write_svg("curves.svg", [chart])                                   # opens in any browser
     write_svg("x.svg", [Tiles(rows, title="x", captions=["ED", "ES"], columns=["slice 1 of 9", ...])])
+    draw_curves("runs/seg", "fine-tuning", [("loss", "training loss")])  # RUN/curves.svg from RUN/log.jsonl
 
 Everything is written by hand (zlib for PNG, text for SVG): no imaging or plotting library.
 """
 import base64
 import html
 import math
+import os
 import pathlib
 import struct
 import zlib
@@ -284,3 +286,20 @@ def svg_text(panels, columns=2):
 
 def write_svg(path, panels, columns=2):
     files.write_text(path, svg_text(panels, columns))
+
+
+def draw_curves(out, title, panels):
+    """a run folder's curves.svg from its log.jsonl, refreshed each epoch: panels is [(key, axis label)]
+    of per-epoch values, one chart each, over epochs counted from 1"""
+    path = os.path.join(out, "log.jsonl")
+    if not os.path.exists(path):
+        return
+    epochs = [r for r in files.read_jsonl(path) if "steps" in r]  # one line per epoch
+    charts = []
+    for key, label in panels:
+        points = [(r["epoch"] + 1, r[key]) for r in epochs if r.get(key) is not None]  # epoch k: the k-th
+        if points:
+            chart = Chart(f"{label}, {title}", "epoch", label, integer_x=True)
+            charts.append(chart.line([e for e, _ in points], [v for _, v in points], label))
+    if charts:
+        write_svg(os.path.join(out, "curves.svg"), charts, columns=len(charts))

@@ -1,7 +1,7 @@
 """A training run's life, in order: lock, start, steps, a signal, the checkpoint, resume, finish.
 
 A run folder (--out) holds config.json (every flag, the environment, derived numbers), log.jsonl
-(a line per logging interval and one per epoch), curves.svg (the log drawn, refreshed each epoch),
+(a line per logging interval and one per epoch), curves.svg (the log drawn by pictures.draw_curves),
 checkpoint.pt (everything needed to continue exactly) and the exported weights (best.pt of
 fine-tuning, backbone.pth of pretraining). Both training scripts live a run in this order:
 
@@ -40,7 +40,6 @@ import torch.distributed as dist
 
 import acdc
 import files
-import pictures
 from checkpoints import read_checkpoint
 
 RUN_FILES = ("checkpoint.pt", "config.json", "log.jsonl", "curves.svg", "best.pt", "backbone.pth")
@@ -381,22 +380,3 @@ def finish(out, stopped, step, names, summary):
         written = [name for name in names if os.path.exists(os.path.join(out, name))]
         print(f"done: {summary}; in {out}: {', '.join(written)}")
     unlock(out)  # (held by rank 0 only)
-
-
-# -----------------------------------------------------------------------------
-# the log drawn: curves.svg
-
-def draw_curves(out, title, panels):
-    """curves.svg from log.jsonl: panels is [(key, axis label)] of per-epoch values, one chart each"""
-    path = os.path.join(out, "log.jsonl")
-    if not os.path.exists(path):
-        return
-    epochs = [r for r in files.read_jsonl(path) if "steps" in r]  # one line per epoch
-    charts = []
-    for key, label in panels:
-        points = [(r["epoch"], r[key]) for r in epochs if r.get(key) is not None]
-        if points:
-            chart = pictures.Chart(f"{label}, {title}", "epoch", label)
-            charts.append(chart.line([e for e, _ in points], [v for _, v in points], label))
-    if charts:
-        pictures.write_svg(os.path.join(out, "curves.svg"), charts, columns=len(charts))

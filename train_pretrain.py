@@ -21,6 +21,7 @@ from tqdm import tqdm
 import acdc
 import files
 import normalisation
+import pictures
 import run_folder
 import slices
 import training
@@ -233,7 +234,7 @@ def main(args):
         done = run.step == (epoch + 1) * steps_per_epoch  # the epoch ran to its end
         if done and env.main:
             files.append_jsonl(run.log, stats)
-            run_folder.draw_curves(args.out, f"BYOL, {os.path.basename(os.path.abspath(args.out))}",
+            pictures.draw_curves(args.out, f"BYOL, {os.path.basename(os.path.abspath(args.out))}",
                                    [("loss", "BYOL loss"), ("lr", "learning rate"), ("proj_std", "proj_std")])
             print(f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['images_per_s']:.0f} images/s")
         if done and epoch + 1 in keep and env.main:  # before checkpoint.pt: a crash in between loses neither

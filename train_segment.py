@@ -22,6 +22,7 @@ from tqdm import tqdm
 import acdc
 import files
 import normalisation
+import pictures
 import run_folder
 import slices
 import training
@@ -304,7 +305,7 @@ def main(args):
                         "epoch": epoch, "val": stats, **meta}
         if done and env.main:
             files.append_jsonl(run.log, stats)
-            run_folder.draw_curves(args.out, f"fine-tuning, {os.path.basename(os.path.abspath(args.out))}",
+            pictures.draw_curves(args.out, f"fine-tuning, {os.path.basename(os.path.abspath(args.out))}",
                                    [("loss", "training loss"), ("val_iou", "validation IoU")])
             val = (f", val IoU {stats['val_iou']:.4f} (RV {stats['val_iou_RV']:.3f}, "
                    f"MYO {stats['val_iou_MYO']:.3f}, LV {stats['val_iou_LV']:.3f})"

@@ -15,6 +15,7 @@ import time
 import pytest
 import torch
 
+import pictures
 import results
 import run_folder
 import train_segment
@@ -229,7 +230,7 @@ def test_a_torn_last_log_line_is_left_out_with_a_notice_and_truncation_removes_i
     whole = "".join(json.dumps(r) + "\n" for r in lines)
     (tmp_path / "log.jsonl").write_text(whole + '{"epoch": 2, "st')  # a kill or a full disk during an append
     notice = f"notice: {tmp_path}/log.jsonl: its last line is torn (an append cut short): left out\n"
-    run_folder.draw_curves(str(tmp_path), "torn", [("loss", "loss"), ("val_iou", "IoU")])
+    pictures.draw_curves(str(tmp_path), "torn", [("loss", "loss"), ("val_iou", "IoU")])
     assert os.path.exists(tmp_path / "curves.svg") and capsys.readouterr().out == notice
     assert results.epoch_lines(str(tmp_path)) == lines[1::2] and capsys.readouterr().out == notice
     run_folder.truncate_log(str(tmp_path / "log.jsonl"), step=2, epoch=2)  # what resuming does
