@@ -8,7 +8,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = sorted(f for f in os.listdir(ROOT) if f.endswith(".py"))
 LIBRARY = {"resnet", "unet", "checkpoints", "weights", "byol", "augment", "normalisation", "acdc", "slices", "phantom",
-           "metrics", "inference", "pictures", "files", "training", "run_folder", "grid", "results"}
+           "metrics", "inference", "pictures", "files", "training", "run_folder", "grid", "results", "progress"}
 SCRIPTS = {"train_pretrain", "train_segment", "evaluate", "predict", "study", "bench"}
 ALLOWED = {"torch", "torchvision", "numpy", "nibabel", "tqdm"}
 
