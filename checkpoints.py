@@ -189,8 +189,7 @@ def few(keys, n=6):
     return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
-# what this project reads from its checkpoints besides the tensors: the format, the input normalisation
-# (normalisation.of_checkpoint), the training spacing (predict.py's check); never "unused"
+# what this project reads from its checkpoints besides the tensors (format, normalisation, spacing): not unused
 READ = {"kind", "mean", "std", "train_spacing"}
 
 

@@ -142,8 +142,7 @@ def label(entry):
 
 
 def count_slices(root, split="train", cine=False):
-    """a split's labelled slices, or its cines' (pretraining's; split: also train+val, all), from the headers
-    alone (decoding waits for the first run)"""
+    """a split's (or train+val's, all's) labelled slices, or its cines', from the headers alone"""
     cases = [c for part in split.replace("all", "train+val+test").split("+") for c in acdc.find_cases(root, split=part)]
     shapes = [nib.load(p).shape for c in cases for p in ([c.cine] if cine else [f.image for f in c.frames])]
     return sum(shape[2] * (shape[3] if cine else 1) for shape in shapes)

@@ -1,6 +1,6 @@
 """Pictures of results, written by hand: PNG images, label overlays, montages, SVG charts.
 
-    write_png("x.png", overlay(grey(slice_), labels))                  # (3, H, W) uint8
+    png_bytes(overlay(grey(slice_), labels).round().to(torch.uint8))    # an RGB PNG
     chart = Chart("validation IoU, phantom", "epoch", "IoU")
     chart.line([0, 1, 2], [0.2, 0.5, 0.6], "BYOL ACDC", band=([...], [...]))
     write_svg("curves.svg", [chart])                                   # opens in any browser
@@ -12,7 +12,6 @@ Everything is written by hand (zlib for PNG, text for SVG): no imaging or plotti
 import base64
 import html
 import math
-import pathlib
 import struct
 import zlib
 
@@ -40,12 +39,6 @@ def png_bytes(image):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">2I5B", w, h, 8, 2, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(rows.numpy().tobytes())) + chunk(b"IEND", b""))
-
-
-def write_png(path, image):
-    """(3, H, W) uint8 tensor -> an RGB PNG file, written atomically"""
-    data = png_bytes(image)
-    files.write_atomic(path, lambda tmp: pathlib.Path(tmp).write_bytes(data))
 
 
 def grey(image, low=0.01, high=0.99):

@@ -14,10 +14,9 @@ Writes into OUT (an existing folder's results only with --overwrite):
                   and header, so ITK-SNAP or 3D Slicer overlays them; a cine gives a 4D label file
   volumes.csv     a row per volume, per frame of a cine: file, frame (from 1; empty for a 3D file),
                   spacing_x, spacing_y, spacing_z (mm), slices, RV_ml, MYO_ml, LV_ml
-  indices.csv     a row per cine and per ACDC patient folder: case, ed_frame, es_frame, ed_es_source
-                  (Info.cfg beside the file, else the frames of largest and smallest predicted LV
-                  volume), LV and RV EDV, ESV, SV (mL) and EF (%), MYO_mass_g (at ED, 1.05 g/mL);
-                  left out when there is no such case (summary.json says so)
+  indices.csv     a row per cine and per ACDC patient folder (none: no file, summary.json says why): case,
+                  ed_frame, es_frame, ed_es_source (Info.cfg beside the file, else the frames of largest
+                  and smallest predicted LV volume), LV and RV EDV, ESV, SV (mL), EF (%), MYO_mass_g (ED, 1.05 g/mL)
   X_volumes.svg   per cine: LV and RV volume over the cardiac cycle, ED and ES marked
   X_slices.svg    per 3D file, cine or ACDC case: basal, mid and apical slices (each image, then the
                   prediction over it), a row for the volume or for ED and ES, the ejection fractions
@@ -353,8 +352,7 @@ def main(args):
                "synthetic_phantom": any(phantom.values()),
                "segmented": done, "refused": [{"file": p, "reason": r} for p, r in refused],
                "label_files_skipped": skipped, "cases": case_rows, "seconds": round(time.time() - t0, 1),
-               "indices": "indices.csv" if case_rows else "none: no cine and no ACDC patient folder with its ED "
-                          "and ES frames (Info.cfg) among the inputs; the indices need ED and ES of one heart"}
+               "indices": "indices.csv" if case_rows else "none: no cine, no ACDC folder's ED and ES among the inputs"}
     files.write_json(os.path.join(out, "summary.json"), summary)
     for r in case_rows:
         print(f"{r['case']}: ED frame {r['ed_frame']}, ES frame {r['es_frame']} ({r['ed_es_source']}); "

@@ -1,11 +1,8 @@
 """How long a training run takes: one early estimate, then the remaining time on the progress bar.
 
-After the third step of an invocation (or at the end of its first epoch, when that comes first),
-rank 0 prints one line: the whole run's wall time from the seconds per step measured so far,
-leaving out the first step (compilation, data-loader workers starting), plus validation. Until a
-validation has been timed, it counts as forward passes over the validation slices, a third of a
-training step per slice (a backward pass costs about two forward passes). Both training scripts
-use it; the device is waited for only at the two moments the clock is read for the estimate.
+The seconds per step leave out the first step (compilation, data-loader workers starting). A validation
+counts as forward passes over its slices, a third of a training step each (a backward pass costs about two
+forward passes), until one has been timed. The device is waited for only when the estimate is made.
 """
 import time
 
@@ -57,8 +54,7 @@ class Estimate:
             seconds = self.seconds_per_step()
             whole = run.total_steps * seconds + len(self.validations) * self.validation_s(seconds)
             if run.env.main:
-                epochs = run.args.epochs
-                tqdm.write(f"estimated {duration(whole)} for {epochs} epoch{'s' * (epochs != 1)} "
+                tqdm.write(f"estimated {duration(whole)} for {run.args.epochs} epoch{'s' * (run.args.epochs > 1)} "
                            f"({run.args.batch_size * run.env.world_size / seconds:.1f} images/s on "
                            f"{training.device_name(run.env.device)})")
 

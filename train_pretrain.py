@@ -210,12 +210,11 @@ def main(args):
     if env.main:
         if resume:
             print(f"resumed from {args.resume}: epoch {start_epoch}, step {run.step}")
-        print(f"BYOL pretraining of a {args.arch} on {acdc.describe(args.data)}\n  weights: "
-              f"{'random' if args.init == 'none' else args.init}\n  slices: {len(dataset)} unlabelled slices "
-              f"({args.split} split)\n  steps: {args.epochs} epochs x {steps_per_epoch} = {run.total_steps} "
-              f"steps of {global_batch} slices, lr {lr:.4g}, amp {amp}, device {env.device}, "
-              f"{env.world_size} process(es)\n  writes: {args.out}: config.json, log.jsonl, checkpoint.pt, "
-              f"backbone.pth, curves.svg")
+        print(f"BYOL pretraining of a {args.arch} on {acdc.describe(args.data)}\n  weights: {args.init}\n"
+              f"  slices: {len(dataset)} unlabelled slices ({args.split} split)\n  steps: {args.epochs} epochs x "
+              f"{steps_per_epoch} = {run.total_steps} steps of {global_batch} slices, lr {lr:.4g}, amp {amp}, "
+              f"device {env.device}, {env.world_size} process(es)\n  writes: {args.out}: config.json, log.jsonl, "
+              f"checkpoint.pt, backbone.pth, curves.svg")
         run_folder.begin(args.out, run.config, resume)
     keep = set(args.save_backbone_epochs)
     if 0 in keep and run.step == 0 and env.main:  # epoch 0: the initial weights, for the length study
