@@ -143,10 +143,14 @@ def few(keys, n=6):
     return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
+# what this project reads from its checkpoints besides the tensors (format, normalisation, spacing): not unused
+READ = {"kind", "mean", "std", "train_spacing"}
+
+
 def summarize_unused(keys, others=()):
     """'projector (9 tensors), predictor (9 tensors), epoch, optimizer_states' (or 'nothing')"""
     groups = Counter(k.split(".")[0] for k in keys)
-    parts = [f"{g} ({n} tensor{'s' * (n != 1)})" for g, n in groups.items()] + list(others)
+    parts = [f"{g} ({n} tensor{'s' * (n != 1)})" for g, n in groups.items()] + [k for k in others if k not in READ]
     return ", ".join(parts) or "nothing"
 
 

@@ -89,9 +89,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=training.HelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="RUN/best.pt of train_segment.py, or a fine-tuned checkpoint of the paper")
-    p.add_argument("--data", default="data/acdc-synth",
-                   help="ACDC root (training/, testing/ or a folder holding them); "
-                        "the default is the phantom")
+    p.add_argument("--data", help="ACDC root (training/, testing/ or a folder holding them); required")
     p.add_argument("--split", default="test", choices=["train", "val", "test", "testing"],
                    help="the paper's patient split (test: 1, 11, ..., 91), or ACDC's testing set (101-150)")
     p.add_argument("--out", default=None,
@@ -104,7 +102,10 @@ def parse_args(argv=None):
     p.add_argument("--outputs", default="all", choices=["all", "metrics"],
                    help="all: masks and pictures too; metrics: metrics.json and metrics.csv only (the study "
                         "runner's choice, for hundreds of runs)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.data is None:
+        p.error(training.NO_DATA)
+    return args
 
 
 class CaseVolumes(torch.utils.data.Dataset):

@@ -36,7 +36,7 @@ PAPER_FRACTIONS = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
 PAPER_SEEDS = [0, 13, 42, 123, 1111, 77, 62, 91, 7, 5]
 PAPER_LENGTHS = [*range(1, 12), 13, 15, 17, 19, 21, 23, 25, 26, 51, 101, 201, 301, 401]  # its ep=N: N + 1 epochs
 # every setting study.json records (and the data's fingerprint), with its default
-DEFAULTS = {"data": "data/acdc-synth", "strategies": PAPER_STRATEGIES, "fractions": PAPER_FRACTIONS,
+DEFAULTS = {"data": None, "strategies": PAPER_STRATEGIES, "fractions": PAPER_FRACTIONS,
             "seeds": PAPER_SEEDS, "lengths": [], "length_fractions": [1.0], "length_seeds": [13], "train_args": [],
             "pretrain_args": ""}
 FRACTION, COUNT = training.number(float, above=0, high=1), training.number(int, 0)  # a seed or a length
@@ -153,10 +153,11 @@ def label(entry):
     return f"{entry.strategy}, fraction {entry.fraction:g}, seed {entry.seed}"
 
 
-def count_slices(root):
-    """train slices from the headers alone (decoding waits for the first run)"""
-    return sum(nib.load(f.image).shape[2] for case in acdc.find_cases(root, split="train")
-               for f in case.frames)
+def count_slices(root, split="train", cine=False):
+    """a split's (or train+val's, all's) labelled slices, or its cines', from the headers alone"""
+    cases = [c for part in split.replace("all", "train+val+test").split("+") for c in acdc.find_cases(root, split=part)]
+    shapes = [nib.load(p).shape for c in cases for p in ([c.cine] if cine else [f.image for f in c.frames])]
+    return sum(shape[2] * (shape[3] if cine else 1) for shape in shapes)
 
 
 # -----------------------------------------------------------------------------

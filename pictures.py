@@ -1,10 +1,11 @@
 """Pictures of results, written by hand: PNG images, label overlays, montages, SVG charts.
 
-    write_png("x.png", overlay(grey(slice_), labels))                  # (3, H, W) uint8
+    png_bytes(overlay(grey(slice_), labels).round().to(torch.uint8))    # an RGB PNG
     chart = Chart("validation IoU, phantom", "epoch", "IoU")
     chart.line([0, 1, 2], [0.2, 0.5, 0.6], "BYOL ACDC", band=([...], [...]))
     write_svg("curves.svg", [chart])                                   # opens in any browser
     write_svg("x.svg", [Tiles(rows, title="x", captions=["ED", "ES"], columns=["slice 1 of 9", ...])])
+    write_svg("x_slices.svg", [slice_tiles("x.nii.gz", [("ED", image, labels), ...])])
     draw_curves("runs/seg", "fine-tuning", [("loss", "training loss")])  # RUN/curves.svg from RUN/log.jsonl
 
 Everything is written by hand (zlib for PNG, text for SVG): no imaging or plotting library.
@@ -13,7 +14,6 @@ import base64
 import html
 import math
 import os
-import pathlib
 import struct
 import zlib
 
@@ -41,12 +41,6 @@ def png_bytes(image):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">2I5B", w, h, 8, 2, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(rows.numpy().tobytes())) + chunk(b"IEND", b""))
-
-
-def write_png(path, image):
-    """(3, H, W) uint8 tensor -> an RGB PNG file, written atomically"""
-    data = png_bytes(image)
-    files.write_atomic(path, lambda tmp: pathlib.Path(tmp).write_bytes(data))
 
 
 def grey(image, low=0.01, high=0.99):
@@ -77,19 +71,6 @@ def square(tile, side):
     s = max(tile.shape[1:])
     tile = F.pad(tile, (0, s - tile.shape[2], 0, s - tile.shape[1]))
     return F.interpolate(tile[None], size=(side, side), mode="nearest")[0]
-
-
-def montage(rows, gap=4):
-    """rows of (3, H, W) tiles -> one (3, H', W') uint8 picture, white gaps between tiles, black
-    between rows"""
-    lines = []
-    for tiles in rows:
-        sep = [torch.full((3, tiles[0].shape[1], gap), 255.0)]
-        lines.append(torch.cat([t for tile in tiles for t in (tile, *sep)][:-1], 2))
-    width = max(line.shape[2] for line in lines)
-    lines = [F.pad(line, (0, width - line.shape[2], 0, gap if i < len(lines) - 1 else 0))
-             for i, line in enumerate(lines)]
-    return torch.cat(lines, 1).round().clamp(0, 255).to(torch.uint8)
 
 
 # -----------------------------------------------------------------------------
@@ -256,6 +237,19 @@ class Tiles:
                            f'href="data:image/png;base64,{data.decode()}"/>')
             y += self.tile + 22
         return "<g>" + "\n".join(out) + "</g>"
+
+
+def slice_tiles(title, rows, subtitle=""):
+    """rows of (caption, image, labels), (X, Y, Z) each -> Tiles: basal, mid and apical slices (where the
+    first row's labels hold a structure), each image beside the prediction over it, columns named"""
+    picked, depth = pick_slices(rows[0][2]), rows[0][2].shape[2]
+    tiles = []
+    for _, image, labels in rows:
+        gray = grey(image)  # one window for the whole volume
+        tiles.append([t for z in picked for t in (gray[:, :, z].expand(3, -1, -1),
+                                                   overlay(gray[:, :, z], labels[:, :, z]))])
+    columns = [name for z in picked for name in (f"slice {z + 1} of {depth}", "prediction")]
+    return Tiles(tiles, title, captions=[row[0] for row in rows], columns=columns, subtitle=subtitle)
 
 
 def finite(v):

@@ -14,12 +14,12 @@ Writes into OUT (a folder holding files only with --overwrite, which replaces on
                   and header (descrip: predict.py's mark); a cine gives a 4D label file
   volumes.csv     a row per volume, per frame of a cine: file, frame (from 1; empty for a 3D file),
                   spacing_x, spacing_y, spacing_z (mm), slices, RV_ml, MYO_ml, LV_ml
-  indices.csv     a row per cine and per ACDC patient folder: case, ed_frame, es_frame, ed_es_source
-                  (Info.cfg beside the file, else the frames of largest and smallest predicted LV
-                  volume), LV and RV EDV, ESV, SV (mL) and EF (%), MYO_mass_g (at ED, 1.05 g/mL)
+  indices.csv     a row per cine and per ACDC patient folder (none: no file, summary.json says why): case,
+                  ed_frame, es_frame, ed_es_source (Info.cfg beside the file, else the frames of largest
+                  and smallest predicted LV volume), LV and RV EDV, ESV, SV (mL), EF (%), MYO_mass_g (ED, 1.05 g/mL)
   X_volumes.svg   per cine: LV and RV volume over the cardiac cycle, ED and ES marked
-  X_slices.png    per case: basal, mid and apical slices (each image, then the prediction over it),
-                  the top row at ED, the bottom row at ES
+  X_slices.svg    per 3D file, cine or ACDC case: basal, mid and apical slices (each image, then the
+                  prediction over it), a row for the volume or for ED and ES, the ejection fractions
   summary.json    the model, its input normalisation and where it came from, the device, every file
                   segmented (with its warnings) or refused (with the reason), the outputs; written last
 
@@ -237,15 +237,10 @@ def case_row(case, ed, es, source, ed_volumes, es_volumes):
     return {"case": case, "ed_frame": ed, "es_frame": es, "ed_es_source": source, **indices}
 
 
-def slices_png(path, ed, es, tile=192):
-    """ed, es: (image, labels) (X, Y, Z) each -> a PNG: basal, mid and apical slices (chosen where the
-    ED prediction holds a structure), each image beside the prediction over it; ED on top, ES below"""
-    rows = []
-    for image, labels in (ed, es):
-        gray = pictures.grey(image)  # one window for the whole volume
-        rows.append([pictures.square(t, tile) for z in pictures.pick_slices(ed[1]) for t in
-                     (gray[:, :, z].expand(3, -1, -1), pictures.overlay(gray[:, :, z], labels[:, :, z]))])
-    pictures.write_png(path, pictures.montage(rows))
+def slices_svg(path, title, rows, case=None):
+    """X_slices.svg: rows of (caption, image, labels); a case's ejection fractions under the title"""
+    ef = f"ejection fraction: LV {case['LV_EF']:.1f} %, RV {case['RV_EF']:.1f} %" if case else ""
+    pictures.write_svg(path, [pictures.slice_tiles(title, rows, ef)])
 
 
 def volumes_svg(path, case, volumes, ed, es, phantom):
@@ -353,21 +348,24 @@ def main(args):
             case_rows.append(case_row(case, ed, es, source, volumes[ed - 1], volumes[es - 1]))
             volumes_svg(output(stem, "_volumes.svg"), case, volumes, ed, es, phantom_input(path))
             image = torch.from_numpy(np.asarray(scan.data))
-            slices_png(output(stem, "_slices.png"), (image[..., ed - 1], labels[..., ed - 1].cpu()),
-                       (image[..., es - 1], labels[..., es - 1].cpu()))
+            slices_svg(output(stem, "_slices.svg"), rel, [(f"{phase}, frame {t}", image[..., t - 1],
+                                                           labels[..., t - 1].cpu()) for phase, t in
+                                                          (("ED", ed), ("ES", es))], case_rows[-1])
         elif path in pairs:  # an ACDC folder without a cine: its ED and ES files make the case
             pending.setdefault(folder, {})[pairs[path]] = (torch.from_numpy(scan.data), labels.cpu(),
                                                            volumes[0])
             if len(pending[folder]) == 2:
-                pair = pending.pop(folder)
-                (ed_image, ed_labels, ed_volumes), (es_image, es_labels, es_volumes) = pair["ED"], pair["ES"]
-                case_rows.append(case_row(case, *info_frames(path), "Info.cfg", ed_volumes, es_volumes))
-                png = output(os.path.join(os.path.dirname(stem), os.path.basename(folder)), "_slices.png")
-                slices_png(png, (ed_image, ed_labels), (es_image, es_labels))
+                pair, frames = pending.pop(folder), dict(zip(("ED", "ES"), info_frames(path)))
+                case_rows.append(case_row(case, *frames.values(), "Info.cfg", pair["ED"][2], pair["ES"][2]))
+                svg = output(os.path.join(os.path.dirname(stem), os.path.basename(folder)), "_slices.svg")
+                slices_svg(svg, case, [(f"{p}, frame {t}", *pair[p][:2]) for p, t in frames.items()], case_rows[-1])
+        else:  # a 3D volume of its own
+            slices_svg(output(stem, "_slices.svg"), rel, [("3D volume", torch.from_numpy(scan.data), labels.cpu())])
 
     # ---- tables, then summary.json last: its presence marks a finished prediction
     files.write_csv(os.path.join(out, "volumes.csv"), volume_rows, VOLUME_FIELDS)
-    files.write_csv(os.path.join(out, "indices.csv"), case_rows, INDEX_FIELDS)
+    if case_rows:  # none: summary.json says why
+        files.write_csv(os.path.join(out, "indices.csv"), case_rows, INDEX_FIELDS)
     summary = {"checkpoint": os.path.abspath(args.checkpoint),
                "model": {"arch": model.arch, "classes": ["background", "RV", "MYO", "LV"]},
                "normalisation": {"mean": norm[0], "std": norm[1], "source": norm[2]},
@@ -380,15 +378,16 @@ def main(args):
                "synthetic_phantom": any(phantom.values()),
                "outputs": [n for n in outputs if os.path.exists(os.path.join(out, n))],  # --overwrite replaces them
                "segmented": done, "refused": [{"file": p, "reason": r} for p, r in refused],
-               "label_files_skipped": skipped, "cases": case_rows, "seconds": round(time.time() - t0, 1)}
+               "label_files_skipped": skipped, "cases": case_rows, "seconds": round(time.time() - t0, 1),
+               "indices": "indices.csv" if case_rows else "none: no cine, no ACDC folder's ED and ES among the inputs"}
     files.write_json(os.path.join(out, "summary.json"), summary)
     for r in case_rows:
         print(f"{r['case']}: ED frame {r['ed_frame']}, ES frame {r['es_frame']} ({r['ed_es_source']}); "
               f"LV EDV {r['LV_EDV']:.1f} mL, ESV {r['LV_ESV']:.1f} mL, EF {r['LV_EF']:.1f} %; "
               f"RV EDV {r['RV_EDV']:.1f} mL, EF {r['RV_EF']:.1f} %; myocardium {r['MYO_mass_g']:.1f} g")
     note = " (synthetic phantom, not ACDC)" if summary["synthetic_phantom"] else ""
-    print(f"segmented {len(done)} files{note}, {len(case_rows)} cases: masks, volumes.csv, indices.csv and "
-          f"summary.json in {out}")
+    print(f"segmented {len(done)} files{note}, {len(case_rows)} cases: masks, pictures, volumes.csv, "
+          f"{'indices.csv, ' if case_rows else ''}summary.json in {out}")
     if refused:
         sys.exit(f"error: {len(refused)} file(s) refused, the first: {refused[0][0]}: {refused[0][1]} "
                  f"(all in summary.json)")

@@ -255,19 +255,21 @@ def run_index(entries, s, args):
 # planning output: the list, the count, the time it will take
 
 def estimate(entries, s, device):
-    """the fine-tunings' steps (from the label fractions' epoch lengths) x a step timed here"""
+    """the plan's steps (pretrainings from their cines, fine-tunings from the label fractions' epoch lengths)
+    x a step timed here, and the evaluations as forward passes (a third of a training step per slice)"""
     given = train_segment.parse_args(["--data", s["data"], *s["train_args"]])
-    arch = "resnet50" if given.arch == "auto" else given.arch
-    seconds, name = bench.seconds_per_step("segment", arch, given.size, given.batch_size, given.amp,
-                                           device or given.device)
-    n = count_slices(s["data"])
+    arch, device = "resnet50" if given.arch == "auto" else given.arch, device or given.device
+    seconds, name = bench.seconds_per_step("segment", arch, given.size, given.batch_size, given.amp, device)
+    n, runs = count_slices(s["data"]), [e for e in entries if e.kind == "finetune"]
     steps = sum(given.epochs * (k * repeats // given.batch_size)
-                for e in entries if e.kind == "finetune"
-                for k, repeats in [label_fraction_plan(n, e.fraction)])
-    hours = steps * seconds / 3600
-    return (f"estimate on {name}: {steps} fine-tuning steps x {seconds:.3g} s = {hours:.1f} h of steps, "
-            f"{1.2 * hours:.1f} h with the 20% allowed for start-up, validation and evaluation (pretraining "
-            f"not included)")
+                for e in runs for k, repeats in [label_fraction_plan(n, e.fraction)])
+    steps += len(runs) * count_slices(s["data"], "test") / given.batch_size / 3
+    hours, pretrainings = steps * seconds / 3600, [e for e in entries if e.kind == "pretrain"]
+    for p in (train_pretrain.parse_args(train_args(e, s, None)) for e in pretrainings):  # every frame of the cines
+        step_s, _ = bench.seconds_per_step("pretrain", arch, p.size, p.batch_size, p.amp, device)
+        hours += p.epochs * (count_slices(s["data"], p.split, cine=True) // p.batch_size) * step_s / 3600
+    return (f"estimate on {name}: {len(pretrainings)} pretrainings, {len(runs)} fine-tunings and their evaluations, "
+            f"{hours:.1f} h of steps, {1.2 * hours:.1f} h with the 20% allowed for start-up and validation")
 
 
 def show_plan(entries):
@@ -289,7 +291,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=training.HelpFormatter)
     p.add_argument("command", choices=["plan", "run", "report"], help="what to do")
     p.add_argument("--study", required=True, help="the study folder")
-    p.add_argument("--data", default=None, help="ACDC root (default: the phantom, data/acdc-synth)")
+    p.add_argument("--data", default=None, help="ACDC root (default: the one study.json records)")
     p.add_argument("--strategies", type=listed(strategy_type), default=None,
                    help="comma-separated --weights values or pretrain:INIT:EPOCHS "
                         "(default: the paper's seven)")
@@ -321,6 +323,8 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     cut = argv.index("--") if "--" in argv else len(argv)
     args = p.parse_args(argv[:cut])
+    if args.command != "report" and args.data is None and "data" not in recorded_settings(args.study):
+        p.error(f"{training.NO_DATA} (--study {args.study} holds no study.json that records it)")
     # a pool's processes get these again, without --gpus
     args.study_argv = [a for i, a in enumerate(argv[:cut]) if not (a == "--gpus" or a.startswith("--gpus=")
                                                                    or i and argv[i - 1] == "--gpus")]

@@ -28,6 +28,7 @@ import training
 from augment import augment
 from byol import BYOL, LARS, lars_param_groups, tau_at
 from checkpoints import load_backbone
+from progress import Estimate
 from resnet import ARCHS
 
 # what the network sees, in words, for config.json and checkpoint.pt (backbone.pth, in the paper's plain
@@ -79,6 +80,8 @@ def parse_args(argv=None):
                         "(modulo 256: 300 -> 44), the ED and ES frame files next to the cine (those slices "
                         "twice), PIL's bicubic crops and uint8 jitter, ((x mod 256) / 255 - 67.27) / 84.66")
     args = p.parse_args(argv)
+    if args.data is None:
+        p.error(training.NO_DATA)
     if args.norm == "paper":  # the same numbers, but on raw intensities, not on the uint8 images --paper-inputs makes
         p.error("--norm paper is the paper's fine-tuning scale; for its pretraining inputs use --paper-inputs")
     if args.paper_inputs and args.norm != "published":
@@ -129,6 +132,7 @@ def train_one_epoch(model, byol, loader, optimizer, scaler, autocast, generator,
         steps += 1
         run.step += 1
         seen += views[0].shape[0] * env.world_size
+        run.estimate.step(end_of_epoch=steps == len(loader))
 
         # a signal stops the run after this step (on every rank alike); so does --stop-after
         stop = run.stop.agreed() or (args.stop_after and run.step - run.start_step >= args.stop_after)
@@ -142,7 +146,7 @@ def train_one_epoch(model, byol, loader, optimizer, scaler, autocast, generator,
                       "proj_std": run.proj_std, "images_per_s": speed}
             if env.main:
                 bar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{lr:.3g}", tau=f"{tau:.4f}",
-                                img_s=f"{speed:.0f}")
+                                img_s=f"{speed:.0f}", left=run.estimate.left())
                 files.append_jsonl(run.log, record)
                 if run.proj_std < args.collapse_threshold:
                     tqdm.write(f"warning: projections collapsing (std {run.proj_std:.4f} < "
@@ -209,10 +213,11 @@ def main(args):
     if env.main:
         if resume:
             print(f"resumed from {args.resume}: epoch {start_epoch}, step {run.step}")
-        print(f"BYOL pretraining: {args.arch} on {acdc.describe(args.data)}, "
-              f"{len(dataset)} unlabelled slices, {env.world_size} process(es), global batch {global_batch}, "
-              f"lr {lr:.4g}, {run.total_steps} steps, amp {amp}, device {env.device}")
-        training.print_config(run.config)
+        print(f"BYOL pretraining of a {args.arch} on {acdc.describe(args.data)}\n  weights: {args.init}\n"
+              f"  slices: {len(dataset)} unlabelled slices ({args.split} split)\n  steps: {args.epochs} epochs x "
+              f"{steps_per_epoch} = {run.total_steps} steps of {global_batch} slices, lr {lr:.4g}, amp {amp}, "
+              f"device {env.device}, {env.world_size} process(es)\n  writes: {args.out}: config.json, log.jsonl, "
+              f"checkpoint.pt, backbone.pth, curves.svg")
         run_folder.begin(args.out, run.config, resume)
     keep = set(args.save_backbone_epochs)
     if 0 in keep and run.step == 0 and env.main:  # epoch 0: the initial weights, for the length study
@@ -221,6 +226,7 @@ def main(args):
     # -------------------------------------------------------------------- loop
     health = training.Health(env.device)
     loader = slices.make_loader(dataset, args.batch_size, env, args.workers, args.seed)
+    run.estimate = Estimate(run)
     for epoch in range(start_epoch, args.epochs):
         # after a mid-epoch resume, the sampler skips the batches this epoch did before the stop
         loader.sampler.set_epoch(epoch, skip=(run.step - epoch * steps_per_epoch) * args.batch_size)

@@ -30,6 +30,7 @@ from augment import augment
 from checkpoints import load_weights, read_checkpoint
 from inference import predict_slices
 from metrics import confusion
+from progress import Estimate
 from unet import UNet
 
 CLASSES = ["background", "RV", "MYO", "LV"]
@@ -69,6 +70,8 @@ def parse_args(argv=None):
                    help="pad validation slices to at least this size, as evaluate.py (the paper: 224, its "
                         "training crop); 0: to a multiple of 32 only")
     args = p.parse_args(argv)
+    if args.data is None:
+        p.error(training.NO_DATA)
     if args.crop_scale[0] > args.crop_scale[1]:
         p.error(f"argument --crop-scale: {args.crop_scale[0]} {args.crop_scale[1]}: expected MIN <= MAX")
     return args
@@ -159,6 +162,7 @@ def train_one_epoch(model, loader, optimizer, scaler, autocast, generator, healt
         steps += 1
         run.step += 1
         seen += images.shape[0] * env.world_size
+        run.estimate.step(end_of_epoch=steps == len(loader))
 
         # a signal stops the run after this step (on every rank alike); so does --stop-after
         stop = run.stop.agreed() or (args.stop_after and run.step - run.start_step >= args.stop_after)
@@ -166,7 +170,7 @@ def train_one_epoch(model, loader, optimizer, scaler, autocast, generator, healt
             loss_now = health.check(loss, scaler, epoch)
             speed = seen / (time.perf_counter() - t0)
             if env.main:
-                bar.set_postfix(progress(loss_now, lr, run.best, speed))
+                bar.set_postfix({**progress(loss_now, lr, run.best, speed), "left": run.estimate.left()})
                 files.append_jsonl(run.log, {"epoch": epoch, "step": run.step, "loss": loss_now,
                                              "lr": lr, "images_per_s": speed})
         if stop:
@@ -274,18 +278,20 @@ def main(args):
     if env.main:
         if resume:
             print(f"resumed from {args.resume}: epoch {start_epoch}, step {run.step}")
-        print(f"fine-tuning: U-Net {args.arch} on {acdc.describe(args.data)}, weights: {loaded}; "
-              f"{len(train_set.chosen)} distinct train slices x {train_set.repeats} = {len(train_set)} "
-              f"per epoch (label fraction {args.label_fraction}), {len(val_set)} validation slices, "
-              f"global batch {args.batch_size * env.world_size}, {run.total_steps} steps, amp {amp}, "
-              f"device {env.device}")
-        training.print_config(run.config)
+        print(f"fine-tuning a U-Net ({args.arch}) on {acdc.describe(args.data)}\n  weights: {loaded}\n"
+              f"  slices: {len(train_set.chosen)} distinct train slices x {train_set.repeats} = {len(train_set)} "
+              f"per epoch (label fraction {args.label_fraction}), {len(val_set)} validation slices\n"
+              f"  steps: {args.epochs} epochs x {steps_per_epoch} = {run.total_steps} steps of "
+              f"{args.batch_size * env.world_size} slices, amp {amp}, device {env.device}\n"
+              f"  writes: {args.out}: config.json, log.jsonl, checkpoint.pt, best.pt, curves.svg")
         run_folder.begin(args.out, run.config, resume)
 
     # -------------------------------------------------------------------- loop
     health = training.Health(env.device)
     loader = slices.make_loader(train_set, args.batch_size, env, args.workers, args.seed)
     val_loader, best = validation_loader(val_set, run), None  # best: an improved best.pt not yet written
+    run.estimate = Estimate(run, [(e + 1) * steps_per_epoch for e in range(args.epochs)
+                                  if (e + 1) % args.val_every == 0 or e + 1 == args.epochs], len(val_set))
     for epoch in range(start_epoch, args.epochs):
         # after a mid-epoch resume, the sampler skips the batches this epoch did before the stop
         loader.sampler.set_epoch(epoch, skip=(run.step - epoch * steps_per_epoch) * args.batch_size)
@@ -297,7 +303,9 @@ def main(args):
             sys.exit(1)
         done = run.step == (epoch + 1) * steps_per_epoch  # the epoch ran to its end
         if done and ((epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs):
+            t = time.perf_counter()
             stats.update(validate(net, val_loader, run))
+            run.estimate.validated(time.perf_counter() - t)
             if env.main and stats["val_iou"] > run.best:  # kept on the host; written with the next checkpoint
                 run.best, run.best_epoch = stats["val_iou"], epoch
                 best = {"kind": "segmentation", "model": {k: v.detach().to("cpu", copy=True)

@@ -84,9 +84,7 @@ def add_device_args(p, amp="auto", tf32="auto"):
 def add_common_args(parser, *, out, epochs, batch_size, size=224, size_multiple=None):
     """the flags both training scripts share, with the same names"""
     p = parser
-    p.add_argument("--data", default="data/acdc-synth",
-                   help="ACDC root (training/, testing/ or a folder holding them); "
-                        "the default is the phantom")
+    p.add_argument("--data", help="ACDC root (training/, testing/ or a folder holding them); required")
     p.add_argument("--out", default=out, help="run folder for config.json, log.jsonl and checkpoints")
     p.add_argument("--epochs", type=number(int, 1), default=epochs, help="epochs to train")
     p.add_argument("--batch-size", type=number(int, 1), default=batch_size, help="slices per device per step")
@@ -117,6 +115,12 @@ def add_common_args(parser, *, out, epochs, batch_size, size=224, size_multiple=
                    help="under torchrun: seconds any rank waits for the others, in the process group's "
                         "set-up and in every collective (other ranks wait while rank 0 fills the slice cache)")
     return p
+
+
+# no default data: a forgotten --data must not start the paper's full recipe on the phantom for hours
+NO_DATA = ("the following argument is required: --data ROOT, an ACDC root (training/, testing/ or a folder "
+           "holding them); for a first try, make a phantom with `python phantom.py data/acdc-synth` "
+           "and pass --data data/acdc-synth")
 
 
 def arch_of_weights(args):
@@ -331,14 +335,6 @@ def run_config(args, env, **derived):
             "device_name": device_name(env.device),
             "world_size": env.world_size, "argv": sys.argv, **derived,
             "precision": precision.name(env.device, derived["amp"]), "tf32": precision.tf32_state()}
-
-
-def print_config(config):
-    for k, v in config["args"].items():
-        print(f"  {k:>20}: {v}")
-    for k, v in config.items():
-        if k not in ("args", "argv"):
-            print(f"  {k:>20}: {v}")
 
 
 # -----------------------------------------------------------------------------

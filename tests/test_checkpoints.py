@@ -489,3 +489,12 @@ def test_omegaconf_config_reads_as_plain_values_without_omegaconf(tmp_path):
     with pytest.raises(CheckpointError, match="--trust-checkpoint"):
         read_checkpoint(path)
     assert not (tmp_path / "code_ran").exists()
+
+
+def test_a_best_pt_lists_as_unused_only_what_no_reader_takes(tmp_path, capsys):
+    torch.save({"kind": "segmentation", "model": UNet(arch="resnet18").state_dict(), "epoch": 3, "val": {},
+                "arch": "resnet18", "in_chans": 1, "num_classes": 4, "mean": 60.0, "std": 80.0,
+                "train_spacing": {}, "config": {}}, tmp_path / "best.pt")
+    model, (mean, std, source) = load_unet(str(tmp_path / "best.pt"))
+    assert (mean, std) == (60.0, 80.0)  # read: not unused; nor are kind and train_spacing (predict.py's)
+    assert capsys.readouterr().out.strip().endswith("unused: epoch, val, arch, in_chans, num_classes, config")

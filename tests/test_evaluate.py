@@ -151,10 +151,10 @@ def test_flags_are_checked_at_parse_time(capsys):
                                   ("--workers", "x", "expected an integer >= 0"),
                                   ("--norm", "1,0", "expected checkpoint, published, paper or MEAN,STD")]:
         with pytest.raises(SystemExit) as e:
-            ev.parse_args(["--checkpoint", "c.pt", flag, value])
+            ev.parse_args(["--checkpoint", "c.pt", "--data", "d", flag, value])
         last = capsys.readouterr().err.splitlines()[-1]  # argparse: the usage, then one line
         assert e.value.code == 2 and flag in last and expected in last
-    assert ev.parse_args(["--checkpoint", "c.pt", "--norm", "10,20"]).norm == (10.0, 20.0)
+    assert ev.parse_args(["--checkpoint", "c.pt", "--data", "d", "--norm", "10,20"]).norm == (10.0, 20.0)
     with pytest.raises(SystemExit):
         ev.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines

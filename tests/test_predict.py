@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import shutil
+import xml.etree.ElementTree as ET
 
 import nibabel as nib
 import numpy as np
@@ -42,6 +43,12 @@ def setup(tmp_path_factory):
 def run(root, *argv):
     return predict.main(predict.parse_args(["--checkpoint", str(root / "best.pt"), "--device", "cpu",
                                             "--workers", "0", "--min-size", "0", *argv]))
+
+
+def svg_of(path):
+    """-> (the texts, the number of embedded pictures) of an SVG file"""
+    root, ns = ET.parse(path).getroot(), "{http://www.w3.org/2000/svg}"
+    return [t.text for t in root.iter(f"{ns}text")], len(root.findall(f".//{ns}image"))
 
 
 def read_csv(path):
@@ -107,7 +114,16 @@ def test_plain_folder_matches_evaluate_and_bad_files_are_refused(setup, capsys):
     assert (int(row["ed_frame"]), int(row["es_frame"])) == metrics.ed_es_frames(lv)
     assert float(row["LV_SV"]) == pytest.approx(float(row["LV_EDV"]) - float(row["LV_ESV"]), abs=1e-3)
     assert "ED " in (root / "out" / "cine" / "patient001_4d_volumes.svg").read_text()
-    assert (root / "out" / "cine" / "patient001_4d_slices.png").read_bytes()[:4] == b"\x89PNG"
+    # the pictures say what they show: the file, ED and ES rows, the slices, the legend, the ejection fractions
+    texts, pictures = svg_of(root / "out" / "cine" / "patient001_4d_slices.svg")
+    assert texts[:2] == ["cine/patient001_4d.nii.gz", f"ejection fraction: LV {float(row['LV_EF']):.1f} %, RV "
+                                                      f"{float(row['RV_EF']):.1f} %"]
+    rows = {f"ED, frame {row['ed_frame']}", f"ES, frame {row['es_frame']}"}
+    assert {"RV", "MYO", "LV", "prediction"} | rows <= set(texts)
+    assert any(t.startswith("slice ") and t.endswith(f" of {source.shape[2]}") for t in texts) and pictures >= 4
+    texts, pictures = svg_of(root / "out" / f"patient001_frame{case.ed:02d}_slices.svg")  # a 3D file of its own
+    assert texts[0] == f"patient001_frame{case.ed:02d}.nii.gz" and "3D volume" in texts and pictures >= 2
+    assert not list((root / "out").rglob("*.png"))
 
     with pytest.raises(SystemExit, match="--overwrite"):  # results are never overwritten silently
         run(root, "-i", str(scans / "cine"), "-o", str(root / "out"))
@@ -130,7 +146,14 @@ def test_acdc_patient_folder_with_tta(setup, capsys):
     run(root, "-i", str(root / "no-cine"), "-o", str(root / "frames"), "--tta", "--norm", "10,20")
     _, frames = read_csv(root / "frames" / "indices.csv")
     assert frames == indices  # the same frames, the same volumes as the cine's
-    assert (root / "frames" / "patient001" / "patient001_slices.png").exists()
+    texts, _ = svg_of(root / "frames" / "patient001" / "patient001_slices.svg")  # one picture for the case
+    assert texts[0] == "patient001" and f"ES, frame {case.es}" in texts and texts[1].startswith("ejection fraction")
+    assert not list((root / "frames").rglob("*frame*_slices.svg"))
+
+    # a 3D volume alone: no case, so no indices.csv, and summary.json says why
+    summary = run(root, "-i", case.frames[0].image, "-o", str(root / "one"))
+    assert not (root / "one" / "indices.csv").exists() and summary["indices"].startswith("none: no cine")
+    assert (root / "one" / f"patient001_frame{case.frames[0].frame:02d}_slices.svg").exists()
 
 
 def test_flags_and_output_folder_are_checked_first(setup, tmp_path, capsys):

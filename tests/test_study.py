@@ -259,3 +259,27 @@ def test_evaluation_is_ieee_fp32_and_pretraining_gets_only_its_own_norm(tmp_path
     assert "--norm" not in study.train_args(pretraining, s, None)  # paper: the fine-tuning's scale alone
     s["train_args"] = ["--norm", "data"]
     assert " --norm data " in " ".join(study.train_args(pretraining, s, None)) + " "
+
+
+def test_data_is_required_unless_study_json_records_it(tmp_path, capsys):
+    for command in ("plan", "run"):
+        with pytest.raises(SystemExit) as refused:
+            study.parse_args([command, "--study", str(tmp_path)])
+        assert refused.value.code == 2 and "python phantom.py data/acdc-synth" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "study.json").write_text(json.dumps({"data": str(tmp_path)}))
+    assert study.parse_args(["plan", "--study", str(tmp_path)]).data is None  # study.json's is used
+
+
+def test_the_estimate_adds_pretrainings_and_evaluations(tiny_acdc, tmp_path, monkeypatch):
+    # an hour a fine-tuning step, two a pretraining step: the figure in hours counts the steps
+    monkeypatch.setattr(study.bench, "seconds_per_step", lambda mode, *a: (7200.0 if mode == "pretrain" else 3600.0,
+                                                                           "cpu"))
+    args = study.parse_args(["plan", "--study", str(tmp_path), "--data", tiny_acdc, "--strategies", "pretrain:none:3",
+                             "--fractions", "1", "--seeds", "0", "--pretrain-args", "--batch-size 4", "--",
+                             "--batch-size", "8", "--epochs", "2"])
+    s = study.settings_of(args)
+    text = study.estimate(grid.plan(str(tmp_path), s), s, "cpu")
+    fine_tuning = 2 * (grid.count_slices(tiny_acdc) // 8) + grid.count_slices(tiny_acdc, "test") / 8 / 3
+    pretraining = 2 * 3 * (grid.count_slices(tiny_acdc, cine=True) // 4)
+    assert f"1 pretrainings, 1 fine-tunings and their evaluations, {fine_tuning + pretraining:.1f} h of steps" in text

@@ -98,7 +98,7 @@ def test_paper_inputs_reach_the_network(tiny_acdc, tmp_path, monkeypatch):
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert (ckpt["mean"], ckpt["std"], ckpt["inputs"]) == (mean, std, config["inputs"])
     with pytest.raises(SystemExit):
-        train_pretrain.parse_args(["--paper-inputs", "--norm", "data"])
+        train_pretrain.parse_args(["--data", "d", "--paper-inputs", "--norm", "data"])
 
 
 def test_a_finished_run_is_not_overwritten(tiny_acdc, tmp_path):

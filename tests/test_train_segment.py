@@ -2,6 +2,7 @@
 starts from a pretrained backbone and subsamples labels."""
 import json
 import os
+import re
 import signal
 
 import pytest
@@ -110,7 +111,14 @@ def test_weights_from_a_backbone_file_initialise_the_encoder(tiny_acdc, tmp_path
                      "--freeze-encoder-epochs", "1")
     argv.remove("--arch"), argv.remove("resnet18")  # --arch auto: the backbone's
     net = train_segment.main(train_segment.parse_args(argv))
-    assert net.arch == "resnet18" and "--arch auto: resnet18, the encoder of --weights" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert net.arch == "resnet18" and "--arch auto: resnet18, the encoder of --weights" in out
+    # the start-up, notices and warnings included: at most 12 lines saying what, on what, from what, how
+    # much and where; then, once, the estimate; the progress bar shows the time left
+    start = out[:out.index("estimated")].splitlines() + [line for line in err.splitlines() if "epoch 0" not in line]
+    assert len(start) <= 12 and all(w in out for w in ("weights: the encoder", "slices:", "steps:", "writes:"))
+    assert re.search(r"^estimated (\d+ min )?\d+ s for 1 epoch \(\d+\.\d images/s on cpu\)$", out, re.M)
+    assert out.count("estimated") == 1 and "left=" in err
     # frozen for the one epoch: the weights are the file's (BatchNorm statistics still follow the data)
     for k, v in backbone.items():
         if "running" not in k and "num_batches" not in k:
@@ -138,7 +146,7 @@ def test_label_fraction_reports_distinct_slices_and_epoch_length(tiny_acdc, tmp_
     ("--epochs", "0", "expected an integer >= 1"), ("--crop-scale", "0.5 0.2", "expected MIN <= MAX")])
 def test_bad_numbers_are_refused_at_parse_time(flag, value, expected, capsys):
     with pytest.raises(SystemExit) as e:
-        train_segment.parse_args([flag, *value.split()])
+        train_segment.parse_args(["--data", "d", flag, *value.split()])
     assert e.value.code == 2  # argparse's convention: the usage and one error line
     err = capsys.readouterr().err
     assert f"error: argument {flag}: " in err and expected in err

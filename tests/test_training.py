@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import files
+import progress
 import run_folder
 import slices
 import training
@@ -140,3 +141,30 @@ def test_process_group_set_up_times_out_naming_the_address():
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert f"after waiting up to --dist-timeout 3 s for 2 ranks at 127.0.0.1:{port}" in done.stderr
+
+
+@pytest.mark.parametrize("script, argv", [("train_pretrain", []), ("train_segment", ["--arch", "resnet18"]),
+                                          ("evaluate", ["--checkpoint", "c.pt"])])
+def test_forgetting_data_is_a_usage_error_naming_the_phantom_command(script, argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        training.run_main(lambda a: None, __import__(script).parse_args(argv))
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert e.value.code == 2 and "required: --data" in err and "`python phantom.py data/acdc-synth`" in err
+    assert os.listdir(tmp_path) == []  # nothing created
+
+
+def test_the_estimate_leaves_the_first_step_out_and_counts_validation(monkeypatch, capsys):
+    clock = iter([0.0, 10.0, 14.0, 14.0])  # start; after step 1 (compilation: 10 s); after step 3 (2 s a step)
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    run = training.Run(args=argparse.Namespace(batch_size=4, epochs=2), step=0, start_step=0, total_steps=100,
+                       env=training.Env(0, 1, 0, torch.device("cpu"), True))
+    estimate = progress.Estimate(run, validations=[50, 100], val_slices=12)
+    for _ in range(3):
+        run.step += 1
+        estimate.step(end_of_epoch=False)
+    # 100 steps x 2 s + 2 validations of 12 slices as forward passes (a third of 2 s / 4 slices each)
+    assert capsys.readouterr().out == "estimated 3 min 24 s for 2 epochs (2.0 images/s on cpu)\n"
+    clock = iter([16.0])  # one more step: 96 x 2 s and both validations left
+    run.step += 1
+    assert estimate.left() == "3 min 16 s"
