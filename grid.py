@@ -197,3 +197,16 @@ def keep(entry, what):
         ckpt = torch.load(best, map_location="cpu", weights_only=True)
         ckpt["model"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
         files.save_atomic(ckpt, best)
+
+
+def show_plan(entries):
+    """the plan, a line an entry (its index, state, paper or added, label, folder), and what is skipped"""
+    counts = {}
+    for i, e in enumerate(entries):
+        now = state(e)
+        counts[now] = counts.get(now, 0) + 1
+        print(f"{i:5d}  {now:<11} {origin(e):<5} {label(e)}  {e.folder}")
+    for strategy in dict.fromkeys(e.strategy for e in entries if state(e) == "unavailable"):
+        entry = next(e for e in entries if e.strategy == strategy)
+        print(f"skipped: {missing_weights(entry)}")
+    print(f"{len(entries)} entries: " + ", ".join(f"{n} {k}" for k, n in counts.items()))

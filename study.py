@@ -36,7 +36,7 @@ import train_pretrain
 import train_segment
 import training
 from grid import (COUNT, DEFAULTS, FRACTION, PAPER_LENGTHS, add_time, count_slices, failed_since, finished, keep,
-                  label, lengths_type, listed, missing_weights, origin, plan, recorded_settings, state, strategy_type)
+                  label, lengths_type, listed, missing_weights, plan, recorded_settings, show_plan, state, strategy_type)
 from slices import label_fraction_plan
 
 WAITING = 75  # EX_TEMPFAIL: --index on a run whose pretraining is not finished: try again later
@@ -155,13 +155,18 @@ def execute(entry, s, args, tag):
         outcome = "done"
         return outcome
     except (Exception, SystemExit) as e:  # a failed run is reported; the others go on
-        files.write_text(os.path.join(entry.folder, "failed.txt"), f"{type(e).__name__}: {e}\n"
-                         + traceback.format_exc())
+        with contextlib.suppress(OSError):  # a full disk may refuse this too: the line below still says it
+            files.write_text(os.path.join(entry.folder, "failed.txt"), f"{type(e).__name__}: {e}\n"
+                             + traceback.format_exc())
+        if isinstance(e, OSError):  # a full disk, a lost mount: every next run would fail alike
+            print(f"{tag} {label(entry)}: failed: {e}; its checkpoint.pt and log are kept; the study stops")
+            STOPPING["requested"] = True
         return outcome
     finally:
         listen(STOP)
         if outcome != "done":  # a stopped or failed invocation's time counts too
-            add_time(entry.folder, time.time() - t0)
+            with contextlib.suppress(OSError):
+                add_time(entry.folder, time.time() - t0)
         run_folder.unlock(entry.folder, completely=True)
 
 
@@ -272,18 +277,6 @@ def estimate(entries, s, device):
             f"{hours:.1f} h of steps, {1.2 * hours:.1f} h with the 20% allowed for start-up and validation")
 
 
-def show_plan(entries):
-    counts = {}
-    for i, e in enumerate(entries):
-        now = state(e)
-        counts[now] = counts.get(now, 0) + 1
-        print(f"{i:5d}  {now:<11} {origin(e):<5} {label(e)}  {e.folder}")
-    for strategy in dict.fromkeys(e.strategy for e in entries if state(e) == "unavailable"):
-        entry = next(e for e in entries if e.strategy == strategy)
-        print(f"skipped: {missing_weights(entry)}")
-    print(f"{len(entries)} entries: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
-
-
 # -----------------------------------------------------------------------------
 # the script
 
@@ -367,9 +360,10 @@ def main(args):
     print(f"{done} runs done in {time.time() - t0:.0f} s; over every run so far, {wall:.0f} s of wall time, "
           f"{step:.0f} s of it in training epochs" + (f" (ratio {wall / step:.2f})" if step else ""))
     for entry in failed:
-        tail = open(os.path.join(entry.folder, "failed.txt")).read().strip().splitlines()[-3:]
-        print(f"failed: {label(entry)} ({entry.folder}/failed.txt, output.log):\n    " + "\n    ".join(tail))
-    if stopped:
+        path = os.path.join(entry.folder, "failed.txt")
+        tail = open(path).read().strip().splitlines()[-3:] if os.path.exists(path) else ["(no failed.txt)"]
+        print(f"failed: {label(entry)} ({path}, output.log):\n    " + "\n    ".join(tail))
+    if stopped and not failed:
         print("stopped (a signal or --stop-after): run the same command again to continue")
     return 1 if failed else (WAITING if stopped else 0)
 

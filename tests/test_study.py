@@ -283,3 +283,25 @@ def test_the_estimate_adds_pretrainings_and_evaluations(tiny_acdc, tmp_path, mon
     fine_tuning = 2 * (grid.count_slices(tiny_acdc) // 8) + grid.count_slices(tiny_acdc, "test") / 8 / 3
     pretraining = 2 * 3 * (grid.count_slices(tiny_acdc, cine=True) // 4)
     assert f"1 pretrainings, 1 fine-tunings and their evaluations, {fine_tuning + pretraining:.1f} h of steps" in text
+
+
+def test_a_full_disk_fails_the_run_in_one_line_and_stops_the_study(tiny_acdc, tmp_path, monkeypatch, capsys):
+    """ENOSPC during a run's training: reported failed, its checkpoint and log kept, no next run, exit 1"""
+    trained = []
+
+    def full_disk(args):  # the run got as far as a checkpoint and a log, then the disk filled
+        trained.append(args.out)
+        for name in ("checkpoint.pt", "log.jsonl"):
+            open(os.path.join(args.out, name), "w").close()
+        raise OSError(28, "No space left on device", os.path.join(args.out, "best.pt"))
+    monkeypatch.setattr(study.train_segment, "main", full_disk)
+    real = study.files.write_text
+    monkeypatch.setattr(study.files, "write_text", lambda path, text: real(path, text) if "failed" not in path
+                        else (_ for _ in ()).throw(OSError(28, "No space left on device", path)))
+    code = study.main(study.parse_args(["run", "--study", str(tmp_path), "--data", tiny_acdc, "--strategies", "none",
+                                        "--fractions", "0.5,1", "--seeds", "0", "--", "--arch", "resnet18"]))
+    out = capsys.readouterr().out
+    assert code == 1 and len(trained) == 1 and "Traceback" not in out
+    assert f"failed: [Errno 28] No space left on device: '{trained[0]}/best.pt'; its checkpoint.pt and log are " \
+           f"kept; the study stops" in out and "stopped (a signal" not in out
+    assert sorted(os.listdir(trained[0])) == ["checkpoint.pt", "log.jsonl", "output.log", "timing.json"]
