@@ -38,12 +38,12 @@ def epoch_lines(folder):
 
 
 def epochs_to(curve, share):
-    """epochs trained until the curve [(epoch, IoU)] first reached `share` of its best (nan: never, or
+    """epochs trained until the curve [(epoch from 1, IoU)] first reached `share` of its best (nan: never, or
     a best of 0: nothing learned, so no epoch reached anything)"""
     best = max((v for _, v in curve), default=float("nan"))
     if not best > 0:
         return float("nan")
-    return next((epoch + 1 for epoch, v in curve if v >= share * best), float("nan"))
+    return next((epoch for epoch, v in curve if v >= share * best), float("nan"))
 
 
 def mean_of(*values):
@@ -93,8 +93,9 @@ def timing_fields(path):
 
 
 def curve_fields(path):
-    """the validation IoU per epoch (kept for the convergence plot), its best and how soon it came"""
-    curve = [(r["epoch"], r["val_iou"]) for r in files.read_jsonl(path) if r.get("val_iou") is not None]
+    """the validation IoU per epoch (kept for the convergence plot), its best and how soon it came; epochs
+    counted from 1 (log.jsonl's "epoch" is 0-based: epoch k is the line with "epoch" k - 1)"""
+    curve = [(r["epoch"] + 1, r["val_iou"]) for r in files.read_jsonl(path) if r.get("val_iou") is not None]
     best_epoch, best = max(curve, key=lambda c: c[1], default=(float("nan"), float("nan")))
     return {"best_val_iou": best, "best_epoch": best_epoch, "epochs_to_90": epochs_to(curve, 0.90),
             "epochs_to_95": epochs_to(curve, 0.95), "curve": curve}
@@ -213,7 +214,7 @@ def convergence(rows, fraction, title):
                            "epochs trained", "validation IoU", integer_x=True)
     for (s,), runs in group([r for r in rows if r["fraction"] == fraction], "strategy").items():
         epochs = sorted({e for r in runs for e, _ in r["curve"]})
-        per_epoch = {e + 1: [{"v": v} for r in runs for e2, v in r["curve"] if e2 == e] for e in epochs}
+        per_epoch = {e: [{"v": v} for r in runs for e2, v in r["curve"] if e2 == e] for e in epochs}
         xs, ys, lohi = band(per_epoch, "v")
         chart.line(xs, ys, s, band=lohi)
     return chart

@@ -117,7 +117,7 @@ def train_one_epoch(model, byol, loader, optimizer, scaler, autocast, generator,
     """one pass over the loader; returns the epoch's mean loss and speed (all ranks)"""
     args, env = run.args, run.env
     model.train()
-    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not env.main, dynamic_ncols=True, leave=False)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not env.main, dynamic_ncols=True, leave=False)
     loss_sum, steps, t0, seen = torch.zeros((), device=env.device), 0, time.perf_counter(), 0
     for batch in bar:
         lr = training.warmup_cosine(run.step, run.total_steps, run.warmup_steps, run.lr)
@@ -150,7 +150,7 @@ def train_one_epoch(model, byol, loader, optimizer, scaler, autocast, generator,
                 files.append_jsonl(run.log, record)
                 if run.proj_std < args.collapse_threshold:
                     tqdm.write(f"warning: projections collapsing (std {run.proj_std:.4f} < "
-                               f"{args.collapse_threshold}) at epoch {epoch}, step {run.step}")
+                               f"{args.collapse_threshold}) at epoch {epoch + 1}, step {run.step}")
         if stop:
             run.stopped = True
             break
@@ -212,7 +212,7 @@ def main(args):
     run.start_step = run.step
     if env.main:
         if resume:
-            print(f"resumed from {args.resume}: epoch {start_epoch}, step {run.step}")
+            print(f"resumed from {args.resume} at step {run.step}, in epoch {start_epoch + 1}")
         print(f"BYOL pretraining of a {args.arch} on {acdc.describe(args.data)}\n  weights: {args.init}\n"
               f"  slices: {len(dataset)} unlabelled slices ({args.split} split)\n  steps: {args.epochs} epochs x "
               f"{steps_per_epoch} = {run.total_steps} steps of {global_batch} slices, lr {lr:.4g}, amp {amp}, "
@@ -242,7 +242,7 @@ def main(args):
             files.append_jsonl(run.log, stats)
             pictures.draw_curves(args.out, f"BYOL, {os.path.basename(os.path.abspath(args.out))}",
                                    [("loss", "BYOL loss"), ("lr", "learning rate"), ("proj_std", "proj_std")])
-            print(f"epoch {epoch}: loss {stats['loss']:.4f}, {stats['images_per_s']:.0f} images/s")
+            print(f"epoch {epoch + 1}: loss {stats['loss']:.4f}, {stats['images_per_s']:.0f} images/s")
         if done and epoch + 1 in keep and env.main:  # before checkpoint.pt: a crash in between loses neither
             files.save_atomic(byol.target_backbone.state_dict(),
                               os.path.join(args.out, f"backbone_ep{epoch + 1:03d}.pth"))

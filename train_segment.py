@@ -146,7 +146,7 @@ def progress(loss, lr, best, speed):
 def train_one_epoch(model, loader, optimizer, scaler, autocast, generator, health, run, epoch):
     args, env = run.args, run.env
     model.train()
-    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not env.main, dynamic_ncols=True, leave=False)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not env.main, dynamic_ncols=True, leave=False)
     loss_sum, steps, t0, seen = torch.zeros((), device=env.device), 0, time.perf_counter(), 0
     frozen = epoch < args.freeze_encoder_epochs
     for batch in bar:
@@ -277,7 +277,7 @@ def main(args):
     run.start_step = run.step
     if env.main:
         if resume:
-            print(f"resumed from {args.resume}: epoch {start_epoch}, step {run.step}")
+            print(f"resumed from {args.resume} at step {run.step}, in epoch {start_epoch + 1}")
         print(f"fine-tuning a U-Net ({args.arch}) on {acdc.describe(args.data)}\n  weights: {loaded}\n"
               f"  slices: {len(train_set.chosen)} distinct train slices x {train_set.repeats} = {len(train_set)} "
               f"per epoch (label fraction {args.label_fraction}), {len(val_set)} validation slices\n"
@@ -318,7 +318,7 @@ def main(args):
             val = (f", val IoU {stats['val_iou']:.4f} (RV {stats['val_iou_RV']:.3f}, "
                    f"MYO {stats['val_iou_MYO']:.3f}, LV {stats['val_iou_LV']:.3f})"
                    if "val_iou" in stats else "")
-            print(f"epoch {epoch}: loss {stats['loss']:.4f}{val}, {stats['images_per_s']:.0f} images/s")
+            print(f"epoch {epoch + 1}: loss {stats['loss']:.4f}{val}, {stats['images_per_s']:.0f} images/s")
         if run.stopped or (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
             # best.pt before checkpoint.pt: a crash between the two loses neither (a resume from the
             # older checkpoint redoes the same epochs exactly, so it finds the same best again)
@@ -335,7 +335,7 @@ def main(args):
     # -------------------------------------------------------------------- save and tear-down
     stopped = run.step < run.total_steps  # (by a signal or --stop-after) before the end of the last epoch
     run_folder.finish(args.out, stopped, run.step, ["best.pt", "checkpoint.pt", "curves.svg"],
-                      f"best validation IoU {run.best:.4f} at epoch {run.best_epoch}")
+                      f"best validation IoU {run.best:.4f} at epoch {run.best_epoch + 1}")
     return net
 
 

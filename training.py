@@ -386,10 +386,10 @@ class Health:
         loss = (all_reduce(loss.detach().float().clone())
                 / (dist.get_world_size() if dist.is_initialized() else 1))
         if first_bad >= 0:
-            raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {int(first_bad)}: stopping; "
+            raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, step {int(first_bad)}: stopping; "
                                      f"the last good checkpoint.pt is kept")
         if scaler.is_enabled() and scaler.get_scale() < self.MIN_SCALE:
             raise FloatingPointError(f"fp16 loss scale collapsed to {scaler.get_scale():.3g} at epoch "
-                                     f"{epoch}: the grad scaler skipped many steps in a row; try --amp bf16 "
+                                     f"{epoch + 1}: the grad scaler skipped many steps in a row; try --amp bf16 "
                                      f"or a lower learning rate")
         return loss.item()

@@ -72,6 +72,9 @@ def test_a_tiny_study_from_plan_to_report(tiny_acdc, tmp_path, capfd):
         assert float(row["test_iou_with_background"]) == pytest.approx(
             metrics["paper_slice_iou"]["mean_iou_with_background"], rel=1e-5)
         assert float(row["wall_s"]) > float(row["step_s"]) > 0
+        epochs = [json.loads(line) for line in open(os.path.join(entry.folder, "log.jsonl")) if '"val_iou"' in line]
+        best = max(epochs, key=lambda r: r["val_iou"])  # log.jsonl's "epoch" is 0-based, a person's count is not
+        assert int(row["best_epoch"]) == best["epoch"] + 1 and 1 <= int(row["epochs_to_95"]) <= int(row["epochs"])
     ns = "{http://www.w3.org/2000/svg}"
     for name, series in (("data_efficiency.svg", 2 * 2), ("convergence.svg", 2 * 2), ("pretraining_length.svg", 2)):
         # two panels each (test IoU and Dice; the two fractions; test IoU and epochs to 95%)
@@ -191,8 +194,8 @@ def test_report_skips_each_run_with_a_damaged_file_and_reports_the_others(tmp_pa
 
 def test_a_run_that_learned_nothing_has_no_convergence_numbers():
     """a best validation IoU of 0 reached nothing: n/a, not '1.0 epochs to 95 %' and 'speed-up 1.00 x'"""
-    assert math.isnan(results.epochs_to([(0, 0.0), (1, 0.0)], 0.95))
-    assert results.epochs_to([(0, 0.2), (1, 0.5)], 0.95) == 2
+    assert math.isnan(results.epochs_to([(1, 0.0), (2, 0.0)], 0.95))
+    assert results.epochs_to([(1, 0.2), (2, 0.5)], 0.95) == 2
     row = {"strategy": "none", "fraction": 1.0, "seed": 0, "best_val_iou": 0.0, "epochs_to_95": float("nan"),
            "pretrain_epochs": None, "test_iou_with_background": 0.5, "mean_dice": 0.5, "wall_s": 1.0, "step_s": 1.0}
     text = results.markdown([row, {**row, "strategy": "other", "best_val_iou": 0.5, "epochs_to_95": 3}], [],

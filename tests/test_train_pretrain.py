@@ -123,7 +123,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_acdc, tmp
     calls = {"n": 0}
     real = byol.byol_loss
 
-    def poisoned(p, z):  # two calls a step: NaN from the second step of epoch 1 on
+    def poisoned(p, z):  # two calls a step: NaN from the second step of the second epoch on
         calls["n"] += 1
         return real(p, z) * (float("nan") if calls["n"] > 2 * (steps_per_epoch + 1) else 1)
     steps_per_epoch = len(byol_slices(tiny_acdc)) // 8
@@ -131,8 +131,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_acdc, tmp
     with pytest.raises(SystemExit) as stop:
         run(tiny_acdc, tmp_path / "run")
     assert stop.value.code == 1
-    assert f"non-finite loss at epoch 1, step {steps_per_epoch + 1}" in capsys.readouterr().err
-    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 1  # from epoch 0's end
+    assert f"non-finite loss at epoch 2, step {steps_per_epoch + 1}" in capsys.readouterr().err  # counted from 1
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 1  # the first epoch's end
 
 
 def byol_slices(data):

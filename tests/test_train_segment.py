@@ -67,7 +67,7 @@ def test_perfect_prediction_has_zero_loss():
 # -----------------------------------------------------------------------------
 # the script
 
-def test_short_run_writes_best_and_log(tiny_acdc, tmp_path):
+def test_short_run_writes_best_and_log(tiny_acdc, tmp_path, capsys):
     out = tmp_path / "run"
     precision.set_tf32(False, False)  # as an evaluation in the same process leaves it: --tf32 auto restores
     run(tiny_acdc, out, "--norm", "paper")  # the paper's fine-tuning scale, stored for evaluation
@@ -78,6 +78,10 @@ def test_short_run_writes_best_and_log(tiny_acdc, tmp_path):
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["kind"] == "segmentation" and best["arch"] == "resnet18"
     assert best["val"]["val_iou"] == max(r["val_iou"] for r in epochs)
+    # a person reads epochs counted from 1; the files keep their 0-based "epoch"
+    out_text, err_text = capsys.readouterr()
+    assert "\nepoch 1: loss" in out_text and "\nepoch 2: loss" in out_text and "epoch 0" not in out_text + err_text
+    assert f"at epoch {best['epoch'] + 1}; in" in out_text and "epoch 2/2" in err_text
     assert (best["mean"], best["std"]) == (255 * normalisation.MEAN, 255 * normalisation.STD)
     config = json.load(open(out / "config.json"))
     assert (config["precision"], config["tf32"]) == ("fp32", {"convolutions": True, "matmuls": False})
@@ -115,7 +119,7 @@ def test_weights_from_a_backbone_file_initialise_the_encoder(tiny_acdc, tmp_path
     assert net.arch == "resnet18" and "--arch auto: resnet18, the encoder of --weights" in out
     # the start-up, notices and warnings included: at most 12 lines saying what, on what, from what, how
     # much and where; then, once, the estimate; the progress bar shows the time left
-    start = out[:out.index("estimated")].splitlines() + [line for line in err.splitlines() if "epoch 0" not in line]
+    start = out[:out.index("estimated")].splitlines() + [line for line in err.splitlines() if "epoch 1/1" not in line]
     assert len(start) <= 12 and all(w in out for w in ("weights: the encoder", "slices:", "steps:", "writes:"))
     assert re.search(r"^estimated (\d+ min )?\d+ s for 1 epoch \(\d+\.\d images/s on cpu\)$", out, re.M)
     assert out.count("estimated") == 1 and "left=" in err
