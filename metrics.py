@@ -162,6 +162,21 @@ def indices_of_volumes(ed, es):
     return out
 
 
+# Ejection fractions a beating heart gives: ACDC's pathology groups (Bernard et al. 2018, IEEE TMI 37(11)) reach
+# from LV or RV EF below 40 % (dilated, infarcted, abnormal RV) to LV EF above 55 % (hypertrophic); outside
+# 10-90 % a value more likely tells of a segmentation that failed, or of a scan that is no short-axis cine
+EF_RANGE = (10, 90)
+
+
+def implausible(ed, indices):
+    """volumes_ml at ED and their indices_of_volumes -> [warning]: a structure empty at ED (its EF undefined),
+    an ejection fraction outside EF_RANGE"""
+    lo, hi = EF_RANGE
+    found = [f"no {s} predicted at ED" for s in STRUCTURES.values() if ed[s] == 0]
+    return found + [f"{v} EF {indices[f'{v}_EF']:.1f} % lies outside the {lo}-{hi} % of a beating heart"
+                    for v in ("LV", "RV") if ed[v] > 0 and not lo <= indices[f"{v}_EF"] <= hi]
+
+
 def clinical_indices(ed_labels, es_labels, ed_spacing, es_spacing):
     """label volumes of ED and ES -> indices_of_volumes"""
     return indices_of_volumes(volumes_ml(ed_labels, ed_spacing), volumes_ml(es_labels, es_spacing))

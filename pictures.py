@@ -256,6 +256,11 @@ def finite(v):
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
+def percent(v):
+    """a percentage as text, "12.3 %", or "n/a" when it is missing (None, nan)"""
+    return f"{v:.1f} %" if finite(v) else "n/a"
+
+
 def path_of(points):
     return " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
 

@@ -44,7 +44,7 @@ import normalisation
 import pictures
 import precision
 import training
-from metrics import ed_es_frames, indices_of_volumes, volumes_ml
+from metrics import ed_es_frames, implausible, indices_of_volumes, volumes_ml
 
 VOLUME_FIELDS = ["file", "frame", "spacing_x", "spacing_y", "spacing_z", "slices", "RV_ml", "MYO_ml", "LV_ml"]
 INDEX_FIELDS = ["case", "ed_frame", "es_frame", "ed_es_source", "LV_EDV", "LV_ESV", "LV_SV", "LV_EF",
@@ -231,15 +231,17 @@ def case_name(path, rel):
     return os.path.dirname(rel) or os.path.basename(os.path.dirname(os.path.abspath(path)))
 
 
-def case_row(case, ed, es, source, ed_volumes, es_volumes):
+def case_row(case, ed, es, source, ed_volumes, es_volumes, warn):
     indices = indices_of_volumes(ed_volumes, es_volumes)
+    warn(*implausible(ed_volumes, indices))  # a failed segmentation, or no short-axis cine
     indices["MYO_mass_g"] = indices.pop("MYO_mass")
     return {"case": case, "ed_frame": ed, "es_frame": es, "ed_es_source": source, **indices}
 
 
 def slices_svg(path, title, rows, case=None):
     """X_slices.svg: rows of (caption, image, labels); a case's ejection fractions under the title"""
-    ef = f"ejection fraction: LV {case['LV_EF']:.1f} %, RV {case['RV_EF']:.1f} %" if case else ""
+    ef = f"ejection fraction: LV {pictures.percent(case['LV_EF'])}, RV {pictures.percent(case['RV_EF'])}" \
+        if case else ""
     pictures.write_svg(path, [pictures.slice_tiles(title, rows, ef)])
 
 
@@ -325,13 +327,13 @@ def main(args):
             continue
         warnings = []
 
-        def warn(message):
-            warnings.append(message)
-            tqdm.write(f"warning: {path}: {message}", file=sys.stderr)
+        def warn(*messages):
+            for message in messages:
+                warnings.append(message)
+                tqdm.write(f"warning: {path}: {message}", file=sys.stderr)
         spacing = scan.spacing[:3]
         seen = inference.model_spacing(spacing, trained, args.resample)
-        for message in inference.geometry_warnings(spacing, trained, seen):
-            warn(message)
+        warn(*inference.geometry_warnings(spacing, trained, seen))
         labels = inference.predict_volume(net, scan.data, device, norm, autocast, args.batch_size,
                                           args.min_size, args.tta, spacing, seen)  # (X, Y, Z[, T]) uint8
         stem = stem_of(rel)
@@ -345,7 +347,7 @@ def main(args):
         folder, case = os.path.dirname(path), case_name(path, rel)
         if labels.dim() == 4:  # a cine
             ed, es, source = choose_ed_es([v["LV"] for v in volumes], path, warn)
-            case_rows.append(case_row(case, ed, es, source, volumes[ed - 1], volumes[es - 1]))
+            case_rows.append(case_row(case, ed, es, source, volumes[ed - 1], volumes[es - 1], warn))
             volumes_svg(output(stem, "_volumes.svg"), case, volumes, ed, es, phantom_input(path))
             image = torch.from_numpy(np.asarray(scan.data))
             slices_svg(output(stem, "_slices.svg"), rel, [(f"{phase}, frame {t}", image[..., t - 1],
@@ -356,7 +358,7 @@ def main(args):
                                                            volumes[0])
             if len(pending[folder]) == 2:
                 pair, frames = pending.pop(folder), dict(zip(("ED", "ES"), info_frames(path)))
-                case_rows.append(case_row(case, *frames.values(), "Info.cfg", pair["ED"][2], pair["ES"][2]))
+                case_rows.append(case_row(case, *frames.values(), "Info.cfg", pair["ED"][2], pair["ES"][2], warn))
                 svg = output(os.path.join(os.path.dirname(stem), os.path.basename(folder)), "_slices.svg")
                 slices_svg(svg, case, [(f"{p}, frame {t}", *pair[p][:2]) for p, t in frames.items()], case_rows[-1])
         else:  # a 3D volume of its own
@@ -383,8 +385,8 @@ def main(args):
     files.write_json(os.path.join(out, "summary.json"), summary)
     for r in case_rows:
         print(f"{r['case']}: ED frame {r['ed_frame']}, ES frame {r['es_frame']} ({r['ed_es_source']}); "
-              f"LV EDV {r['LV_EDV']:.1f} mL, ESV {r['LV_ESV']:.1f} mL, EF {r['LV_EF']:.1f} %; "
-              f"RV EDV {r['RV_EDV']:.1f} mL, EF {r['RV_EF']:.1f} %; myocardium {r['MYO_mass_g']:.1f} g")
+              f"LV EDV {r['LV_EDV']:.1f} mL, ESV {r['LV_ESV']:.1f} mL, EF {pictures.percent(r['LV_EF'])}; "
+              f"RV EDV {r['RV_EDV']:.1f} mL, EF {pictures.percent(r['RV_EF'])}; myocardium {r['MYO_mass_g']:.1f} g")
     note = " (synthetic phantom, not ACDC)" if summary["synthetic_phantom"] else ""
     print(f"segmented {len(done)} files{note}, {len(case_rows)} cases: masks, pictures, volumes.csv, "
           f"{'indices.csv, ' if case_rows else ''}summary.json in {out}")

@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import shutil
+import types
 import xml.etree.ElementTree as ET
 
 import nibabel as nib
@@ -280,3 +281,31 @@ def test_unknown_checkpoint_says_no_segmentation_model_is_published(setup, tmp_p
             predict.main(predict.parse_args(["--checkpoint", name, "-i", case.cine, "-o", str(tmp_path / "o")]))
         assert str(e.value).startswith(f"--checkpoint {name}: no such file, and no segmentation model is published")
         assert "best.pt" in str(e.value) and "supervised_imagenet" not in str(e.value)  # no backbone names
+
+
+def test_implausible_cine_is_warned_and_missing_values_read_n_a(setup, tmp_path, monkeypatch, capsys):
+    """a cine far from the training pixel size whose prediction has no RV or MYO at ED and an LV that hardly
+    contracts: each said in the console and summary.json; the RV EF, undefined, reads n/a, null, empty"""
+    root, _ = setup
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((16, 16, 2, 3), np.float32),
+                             np.diag([3.0, 3.0, 8.0, 1.0])), tmp_path / "fmri.nii")
+    labels = torch.zeros(16, 16, 2, 3, dtype=torch.uint8)
+    labels[:10, :10, 0] = 3  # an LV of 100 voxels in each frame,
+    labels[0, :2, 0, 1:] = 0  # 98 in frames 2 and 3: ED frame 1, ES frame 2, EF 2 %
+    trained = ({"in_plane": [1.2, 1.9], "between_slices": [5.0, 10.0]}, "stored in the checkpoint")
+    model = types.SimpleNamespace(arch="resnet18", train_spacing=trained)  # no network: its labels are given
+    monkeypatch.setattr(predict.inference, "load_model", lambda *a: (model, (0.0, 1.0, "stored in the checkpoint")))
+    monkeypatch.setattr(predict.inference, "predict_volume", lambda *a: labels)
+    run(root, "-i", str(tmp_path / "fmri.nii"), "-o", str(tmp_path / "out"), "--resample", "off")
+    out, err = capsys.readouterr()
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    [done], [case] = summary["segmented"], summary["cases"]
+    spacing, *found = done["warnings"]
+    assert spacing.startswith("in-plane spacing 3 x 3 mm, far from the 1.2-1.9 mm")  # today's rule, kept
+    assert found == ["no RV predicted at ED", "no MYO predicted at ED",
+                     "LV EF 2.0 % lies outside the 10-90 % of a beating heart"]
+    assert all(f"warning: {tmp_path / 'fmri.nii'}: {m}" in err for m in done["warnings"])
+    assert "EF 2.0 %; RV EDV 0.0 mL, EF n/a; " in out and "nan" not in out
+    texts, _ = svg_of(tmp_path / "out" / "fmri_slices.svg")
+    assert texts[1] == "ejection fraction: LV 2.0 %, RV n/a"
+    assert case["RV_EF"] is None and read_csv(tmp_path / "out" / "indices.csv")[1][0]["RV_EF"] == ""
