@@ -177,8 +177,8 @@ def refuse_foreign(out, scans):
         ours = set()
     planned = [(name, "all inputs (the tables)") for name in ("volumes.csv", "indices.csv", "summary.json")]
     planned += [(stem_of(rel) + end, path) for path, rel in scans for end in ("_pred.nii.gz", "_volumes.svg",
-                                                                             "_slices.png")]
-    planned += [(os.path.join(os.path.dirname(rel), os.path.basename(os.path.dirname(path))) + "_slices.png", path)
+                                                                             "_slices.svg")]
+    planned += [(os.path.join(os.path.dirname(rel), os.path.basename(os.path.dirname(path))) + "_slices.svg", path)
                 for path, rel in scans]  # the picture of an ACDC folder's ED and ES
     for name, source in planned:
         path = os.path.join(out, name)

@@ -36,7 +36,8 @@ import train_pretrain
 import train_segment
 import training
 from grid import (COUNT, DEFAULTS, FRACTION, PAPER_LENGTHS, add_time, count_slices, failed_since, finished, keep,
-                  label, lengths_type, listed, missing_weights, plan, recorded_settings, show_plan, state, strategy_type)
+                  label, lengths_type, listed, missing_weights, plan, recorded_settings, show_plan, state,
+                  strategy_type)
 from slices import label_fraction_plan
 
 WAITING = 75  # EX_TEMPFAIL: --index on a run whose pretraining is not finished: try again later

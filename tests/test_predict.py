@@ -180,13 +180,13 @@ def test_overwrite_replaces_only_what_predict_wrote(setup, tmp_path):
     scan(tmp_path / "A.nii.gz")
     for _ in range(2):  # into the input folder, twice: the marked mask is replaced, never taken for a scan
         summary = run(root, "-i", str(tmp_path), "-o", str(tmp_path), "--overwrite")
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["A.nii.gz", "A_pred.nii.gz", "indices.csv",
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["A.nii.gz", "A_pred.nii.gz", "A_slices.svg",
                                                                 "summary.json", "volumes.csv"]
         assert [s["file"] for s in summary["segmented"]] == [str(tmp_path / "A.nii.gz")]
-        assert sorted(summary["outputs"]) == ["A_pred.nii.gz", "indices.csv", "volumes.csv"]
+        assert sorted(summary["outputs"]) == ["A_pred.nii.gz", "A_slices.svg", "volumes.csv"]
     assert files.is_mask(tmp_path / "A_pred.nii.gz") and not files.is_mask(tmp_path / "A.nii.gz")
 
-    for foreign in ("B_pred.nii.gz", "volumes.csv"):  # a user's own file where an output goes is refused
+    for foreign in ("B_pred.nii.gz", "B_slices.svg", "volumes.csv"):  # a user's own file where an output goes: refused
         folder = tmp_path / foreign.replace(".", "-")
         folder.mkdir()
         scan(folder / "B.nii.gz")
