@@ -19,7 +19,8 @@ fine-tuning, backbone.pth of pretraining). Both training scripts live a run in t
 5. checkpoint (save_checkpoint): every --save-every epochs, at the end and when stopped, the
    unwrapped model, optimizer, grad scaler, counters and every random state (each rank's
    augmentation stream), written atomically. Its "epoch" is the next epoch to start, which is the
-   epoch still in progress when a run stopped mid-epoch; "step" counts the steps done.
+   epoch still in progress when a run stopped mid-epoch; "step" counts the steps done; "partial" holds
+   that epoch's loss sum, steps, images and time so far, so that its log line covers the whole epoch.
 6. resume: --resume auto loads that checkpoint into a run of the same shape; the loader's sampler
    skips the batches of the current epoch done before the stop (slices.SkipDoneSampler), so the
    resumed run takes the same batches and random draws as an uninterrupted one.
@@ -351,8 +352,8 @@ def save_checkpoint(path, kind, model, optimizer, scaler, rng, epoch, step, **ex
 
 
 def resume(ckpt, model, optimizer, scaler, config):
-    """load a checkpoint written by save_checkpoint into a run of the same shape -> (epoch, step); the
-    caller restores the random states (training.set_rng_state(ckpt["rng"], ...))"""
+    """load a checkpoint written by save_checkpoint into a run of the same shape -> (epoch, step, partial);
+    the caller restores the random states (training.set_rng_state(ckpt["rng"], ...))"""
     old = ckpt["config"]
     # the batches an epoch holds must be the same, or the schedule and the epoch count would shift
     for key in ("steps_per_epoch", "global_batch"):
@@ -366,7 +367,7 @@ def resume(ckpt, model, optimizer, scaler, config):
     if old["world_size"] != config["world_size"] and is_main_process():
         print(f"notice: resuming on {config['world_size']} processes instead of {old['world_size']}: the "
               f"same global batch, but data order and augmentation draws differ from an uninterrupted run")
-    return ckpt["epoch"], ckpt["step"]
+    return ckpt["epoch"], ckpt["step"], ckpt.get("partial")  # (older checkpoints have no "partial")
 
 
 def finish(out, stopped, step, names, summary):

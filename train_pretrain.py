@@ -117,8 +117,10 @@ def train_one_epoch(model, byol, loader, optimizer, scaler, autocast, generator,
     """one pass over the loader; returns the epoch's mean loss and speed (all ranks)"""
     args, env = run.args, run.env
     model.train()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not env.main, dynamic_ncols=True, leave=False)
-    loss_sum, steps, t0, seen = torch.zeros((), device=env.device), 0, time.perf_counter(), 0
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not env.main, dynamic_ncols=True,
+               leave=False)
+    loss_sum, before, seen, t0 = training.epoch_start(run, epoch)  # (before: steps done before a resume)
+    steps = 0  # this invocation's
     for batch in bar:
         lr = training.warmup_cosine(run.step, run.total_steps, run.warmup_steps, run.lr)
         tau = tau_at(run.step, run.total_steps, base=args.tau_base)
@@ -156,14 +158,15 @@ def train_one_epoch(model, byol, loader, optimizer, scaler, autocast, generator,
             break
     bar.close()
     # the epoch's line also carries the last learning rate and projection spread, for curves.svg
-    return {**training.epoch_stats(epoch, loss_sum, steps, seen, t0), "lr": lr, "proj_std": run.proj_std}
+    stats = training.epoch_stats(run, epoch, loss_sum, before + steps, seen, t0)
+    return {**stats, "lr": lr, "proj_std": run.proj_std}
 
 
 def save(run, byol, optimizer, scaler, generator, epoch):
     """checkpoint.pt for resuming exactly, and backbone.pth in the paper's form (the target backbone);
     every rank calls it (the ranks' random states are gathered), rank 0 writes"""
     run_folder.save_checkpoint(os.path.join(run.args.out, "checkpoint.pt"), "byol", byol, optimizer, scaler,
-                               training.rng_state(generator), epoch, run.step, config=run.config,
+                               training.rng_state(generator), epoch, run.step, partial=run.partial, config=run.config,
                                arch=run.args.arch, in_chans=1, mean=run.mean, std=run.std, inputs=run.config["inputs"])
     if run.env.main:
         files.save_atomic(byol.target_backbone.state_dict(), os.path.join(run.args.out, "backbone.pth"))
@@ -207,7 +210,7 @@ def main(args):
     # -------------------------------------------------------------------- resume
     start_epoch = 0
     if resume:
-        start_epoch, run.step = run_folder.resume(resume, byol, optimizer, scaler, run.config)
+        start_epoch, run.step, run.partial = run_folder.resume(resume, byol, optimizer, scaler, run.config)
         training.set_rng_state(resume["rng"], generator, env.rank)
     run.start_step = run.step
     if env.main:

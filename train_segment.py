@@ -146,8 +146,10 @@ def progress(loss, lr, best, speed):
 def train_one_epoch(model, loader, optimizer, scaler, autocast, generator, health, run, epoch):
     args, env = run.args, run.env
     model.train()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not env.main, dynamic_ncols=True, leave=False)
-    loss_sum, steps, t0, seen = torch.zeros((), device=env.device), 0, time.perf_counter(), 0
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not env.main, dynamic_ncols=True,
+               leave=False)
+    loss_sum, before, seen, t0 = training.epoch_start(run, epoch)  # (before: steps done before a resume)
+    steps = 0  # this invocation's
     frozen = epoch < args.freeze_encoder_epochs
     for batch in bar:
         lr = training.warmup_cosine(run.step, run.total_steps, run.warmup_steps, args.lr,
@@ -177,7 +179,7 @@ def train_one_epoch(model, loader, optimizer, scaler, autocast, generator, healt
             run.stopped = True
             break
     bar.close()
-    return training.epoch_stats(epoch, loss_sum, steps, seen, t0)
+    return training.epoch_stats(run, epoch, loss_sum, before + steps, seen, t0)
 
 
 @torch.no_grad()
@@ -268,7 +270,7 @@ def main(args):
     # -------------------------------------------------------------------- resume
     start_epoch = 0
     if resume:
-        start_epoch, run.step = run_folder.resume(resume, net, optimizer, scaler, run.config)
+        start_epoch, run.step, run.partial = run_folder.resume(resume, net, optimizer, scaler, run.config)
         training.set_rng_state(resume["rng"], generator, env.rank)
         best_path = os.path.join(args.out, "best.pt")
         if resume["continues"] and os.path.exists(best_path):
@@ -328,7 +330,7 @@ def main(args):
             # epoch + done: the next epoch to start (the one in progress when stopped mid-epoch)
             run_folder.save_checkpoint(os.path.join(args.out, "checkpoint.pt"), "segmentation", net,
                                        optimizer, scaler, training.rng_state(generator), epoch + done,
-                                       run.step, **meta)
+                                       run.step, partial=run.partial, **meta)
         if run.stopped:
             break
 

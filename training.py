@@ -271,6 +271,7 @@ def main_first(env):
 
 class Run:
     """what a training loop carries: arguments, environment, schedule numbers, step counters"""
+    partial = None  # the epoch in progress so far (epoch_stats), kept in checkpoint.pt for a resume
 
     def __init__(self, **kw):
         self.__dict__.update(kw)
@@ -312,11 +313,23 @@ def steps_per_epoch(dataset, batch_size, world_size):
     return steps
 
 
-def epoch_stats(epoch, loss_sum, steps, seen, t0):
-    """the epoch's mean loss over ranks and its speed, for the per-epoch line of log.jsonl"""
+def epoch_start(run, epoch):
+    """-> the epoch's loss sum, steps, images and start time so far: none yet, or, in the epoch a mid-epoch
+    resume continues, what it did before the stop, so that its line covers the whole epoch"""
+    nothing = {"loss_sum": 0.0, "steps": 0, "seen": 0, "time_s": 0.0}
+    done = run.partial if run.partial and run.partial["epoch"] == epoch else nothing
+    return (torch.tensor(done["loss_sum"], device=run.env.device), done["steps"], done["seen"],
+            time.perf_counter() - done["time_s"])
+
+
+def epoch_stats(run, epoch, loss_sum, steps, seen, t0):
+    """the epoch's mean loss over ranks and its speed, for the per-epoch line of log.jsonl; run.partial
+    keeps the sums, for a checkpoint written when the epoch stops mid-way"""
     world = dist.get_world_size() if dist.is_initialized() else 1
     seconds = time.perf_counter() - t0
-    return {"epoch": epoch, "loss": (all_reduce(loss_sum) / max(1, steps) / world).item(), "steps": steps,
+    total = all_reduce(loss_sum) / world  # the mean of the ranks' sums: every rank resumes from it
+    run.partial = {"epoch": epoch, "loss_sum": total.item(), "steps": steps, "seen": seen, "time_s": seconds}
+    return {"epoch": epoch, "loss": (total / max(1, steps)).item(), "steps": steps,
             "images_per_s": seen / seconds, "time_s": seconds}
 
 

@@ -34,6 +34,11 @@ def step_losses(out):
     return {r["step"]: r["loss"] for r in lines if "step" in r and "steps" not in r}
 
 
+def epoch_line(out, epoch):
+    lines = map(json.loads, open(os.path.join(out, "log.jsonl")))
+    return next(r for r in lines if "steps" in r and r["epoch"] == epoch)
+
+
 def test_short_run_writes_every_file_and_the_backbone_loads(tiny_acdc, tmp_path):
     out = tmp_path / "run"
     run(tiny_acdc, out, "--save-backbone-epochs", "0,1")
@@ -68,8 +73,13 @@ def test_resume_continues_exactly(tiny_acdc, tmp_path):
     run(tiny_acdc, whole)
     run(tiny_acdc, split, "--stop-after", "3")            # interrupted in the middle of epoch 0
     assert max(step_losses(split)) == 3
+    first = torch.load(split / "checkpoint.pt", weights_only=True).get("partial") or {"time_s": 0}
     run(tiny_acdc, split, "--resume", "auto")
     assert step_losses(split) == step_losses(whole)       # every loss after resuming, bit for bit
+    # epoch 0's line covers the whole epoch: an uninterrupted run's loss and steps, both invocations' time
+    a, b = epoch_line(whole, 0), epoch_line(split, 0)
+    assert (b["loss"], b["steps"]) == (a["loss"], a["steps"])
+    assert b["time_s"] > first["time_s"] > 0 and b["images_per_s"] * b["time_s"] == pytest.approx(b["steps"] * 8)
     a = torch.load(whole / "backbone.pth", weights_only=True)
     b = torch.load(split / "backbone.pth", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -109,7 +119,7 @@ def test_a_finished_run_is_not_overwritten(tiny_acdc, tmp_path):
 
 def test_norm_paper_is_refused_with_the_way_to_the_paper_inputs(capsys):
     with pytest.raises(SystemExit) as refused:
-        train_pretrain.parse_args(["--norm", "paper"])
+        train_pretrain.parse_args(["--data", "d", "--norm", "paper"])
     assert refused.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(
         "error: --norm paper is the paper's fine-tuning scale; for its pretraining inputs use --paper-inputs")
 

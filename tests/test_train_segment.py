@@ -106,6 +106,8 @@ def test_resume_after_a_signal_continues_exactly(tiny_acdc, tmp_path, monkeypatc
     assert losses(split) == losses(whole)
     val = lambda out: [r["val_iou"] for r in records(out) if "val_iou" in r]
     assert val(split) == val(whole)
+    epochs = lambda out: [(r["loss"], r["steps"]) for r in records(out) if "steps" in r]
+    assert epochs(split) == epochs(whole)  # epoch 0's line covers the steps before the signal too
 
 
 def test_weights_from_a_backbone_file_initialise_the_encoder(tiny_acdc, tmp_path, capsys):
