@@ -26,6 +26,7 @@ from types import SimpleNamespace
 import torch
 
 import acdc
+import distributed
 import inference
 import metrics
 import normalisation
@@ -110,10 +111,10 @@ def build(args, env, dataset_kind):
                        env=env, mean=normalisation.MEAN, std=normalisation.STD)
     # the scripts' models and optimizers, wrapped as they wrap them
     if dataset_kind == "pretrain":
-        net, model = training.wrap(BYOL(ARCHS[args.arch](in_chans=1)), env, args.compile)
+        net, model = distributed.wrap(BYOL(ARCHS[args.arch](in_chans=1)), env, args.compile)
         optimizer = LARS(lars_param_groups(net, 1e-5), lr=0.1)
     else:
-        net, model = training.wrap(UNet(in_chans=1, num_classes=4, arch=args.arch), env, args.compile)
+        net, model = distributed.wrap(UNet(in_chans=1, num_classes=4, arch=args.arch), env, args.compile)
         optimizer = train_segment.adam(net, 1e-4, env.device)
     model.train()
 
@@ -132,7 +133,7 @@ def build(args, env, dataset_kind):
 
 def seconds_per_step(mode, arch, size, batch_size, amp, device, compile=False, steps=3, warmup=2):
     """the ceiling on a synthetic batch, without data: for estimates (study.py plan --estimate)"""
-    env = training.setup(device)
+    env = distributed.setup(device)
     args = SimpleNamespace(arch=arch, size=size, amp=amp, tf32="auto", compile=compile)
     inputs, step, _ = build(args, env, mode)
     batch = {"image": 200 * torch.rand(batch_size, 1, size, size, device=env.device),
@@ -196,7 +197,7 @@ def bench_evaluate(args, env, data):
     """volumes/s through the whole evaluation path: read, predict slice by slice, Dice and Hausdorff"""
     cases = acdc.find_cases(data, split="test")
     frames = [f for c in cases for f in c.frames]
-    _, model = training.wrap(UNet(in_chans=1, num_classes=4, arch=args.arch), env, args.compile)
+    _, model = distributed.wrap(UNet(in_chans=1, num_classes=4, arch=args.arch), env, args.compile)
     model.eval()
     autocast, _, amp = precision.autocast(env.device, args.amp, args.tf32)
     frames = itertools.cycle(frames)
@@ -236,9 +237,9 @@ def check_stem(args, env, data):
 
 def main(args):
     args.batch_size = args.batch_size or {"pretrain": 128, "segment": 192, "evaluate": 32, "stem": 32}[args.mode]
-    env = training.setup(args.device)
+    env = distributed.setup(args.device)
     torch.manual_seed(args.seed)
-    if env.device.type == "cuda":  # (training.setup already turned on cuDNN autotuning, as in training)
+    if env.device.type == "cuda":  # (distributed.setup already turned on cuDNN autotuning, as in training)
         torch.cuda.reset_peak_memory_stats(env.device)
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 import acdc
+import distributed
 import files
 import inference
 import normalisation
@@ -162,7 +163,7 @@ def main(args):
     if os.path.exists(os.path.join(out, "metrics.json")) and not args.overwrite:
         sys.exit(f"error: --out {out} holds a finished evaluation (metrics.json): pass --overwrite or choose "
                  f"another --out")
-    device = training.setup(args.device).device
+    device = distributed.setup(args.device).device
     autocast, _, amp = precision.autocast(device, args.amp, args.tf32)  # before the model
 
     # ---- data and model

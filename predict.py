@@ -2,11 +2,10 @@
 
     python predict.py --checkpoint runs/seg/best.pt -i scans/ patient001_4d.nii.gz -o predictions
 
-INPUT: any mix of NIfTI files (.nii, .nii.gz) holding a 3D short-axis stack (X, Y, Z) or a 4D cine
-(X, Y, Z, T), and folders searched for them recursively, links followed (an ACDC root is one);
-label files (*_gt.nii*) and masks predict.py wrote are skipped. The model segments the slices [:, :, z], as it was
-trained: the stack must run along the third axis, at a pixel size near the training data's (ACDC:
-1.37-1.68 mm); --resample auto resamples a scan far from it (off: a warning, as the paper did none).
+INPUT: any mix of NIfTI files (.nii, .nii.gz) holding a 3D short-axis stack (X, Y, Z) or a 4D cine (X, Y, Z, T),
+and folders searched for them recursively, links followed (an ACDC root is one); label files (*_gt.nii*) and masks
+predict.py wrote are skipped. The model segments the slices [:, :, z], as it was trained: the stack must run along
+the third axis, at a pixel size near the training data's (ACDC: 1.37-1.68 mm), or --resample auto resamples it.
 
 Writes into OUT (a folder holding files only with --overwrite, which replaces only predict.py's files):
   <path relative to its input folder>/X_pred.nii.gz
@@ -38,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 import acdc
+import distributed
 import files
 import inference
 import normalisation
@@ -300,7 +300,7 @@ def main(args):
     outputs = refuse_foreign(out, scans)
 
     # ---- model
-    device = training.setup(args.device).device
+    device = distributed.setup(args.device).device
     autocast, _, amp = precision.autocast(device, args.amp, args.tf32)  # before the model
     model, from_checkpoint = inference.load_model(args.checkpoint, device, args.trust_checkpoint, "--checkpoint")
     trained, spacing_source = model.train_spacing

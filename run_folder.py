@@ -320,7 +320,7 @@ class StopSignal:
     its step, write checkpoint.pt and exit; --resume auto picks it up. A second Ctrl-C ends it at once."""
 
     def __init__(self, control=None):
-        self.requested, self.control = False, control  # control: training.Env.control
+        self.requested, self.control = False, control  # control: distributed.Env.control
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import acdc
+import distributed
 import files
 import normalisation
 import pictures
@@ -141,7 +142,7 @@ def train_one_epoch(model, byol, loader, optimizer, scaler, autocast, generator,
         if run.step % args.log_every == 0 or steps == len(loader) or stop:
             loss_now = health.check(loss, scaler, epoch)
             # collapse watch: the spread of the normalised projections across the batch
-            spread = training.all_reduce(F.normalize(z1.float(), dim=1).std(dim=0).mean()).item()
+            spread = distributed.all_reduce(F.normalize(z1.float(), dim=1).std(dim=0).mean()).item()
             run.proj_std = spread / env.world_size
             speed = seen / (time.perf_counter() - t0)
             record = {"epoch": epoch, "step": run.step, "loss": loss_now, "lr": lr, "tau": tau,
@@ -177,7 +178,7 @@ def main(args):
 
     # -------------------------------------------------------------------- data
     splits = {"train": ["train"], "train+val": ["train", "val"], "all": ["train", "val", "test"]}[args.split]
-    with training.main_first(env):
+    with distributed.main_first(env):
         dataset = torch.utils.data.ConcatDataset(
             [slices.UnlabelledSlices(args.data, split=s, cache_dir=args.cache, paper_inputs=args.paper_inputs)
              for s in splits])
@@ -189,7 +190,7 @@ def main(args):
         backbone.load_state_dict(load_backbone(args.init, in_chans=1, trust=args.trust_checkpoint,
                                                arch=args.arch, flag="--init"))
     # the target starts as a copy of the online network
-    byol, model = training.wrap(BYOL(backbone), env, args.compile)
+    byol, model = distributed.wrap(BYOL(backbone), env, args.compile)
 
     # -------------------------------------------------------------------- optimizer and schedule
     mean, std = normalisation.for_training(args)

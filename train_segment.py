@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import acdc
+import distributed
 import files
 import normalisation
 import pictures
@@ -208,7 +209,7 @@ def validate(model, loader, run):
                               min_size=args.min_size)  # (B, H, W)
         # -1: the padding
         counts += confusion(pred, torch.where(valid, batch["label"].long(), -1), len(CLASSES))
-    training.all_reduce(counts)
+    distributed.all_reduce(counts)
     inter = counts.diag().double()
     union = counts.sum(0).double() + counts.sum(1).double() - inter
     iou = (inter / union.clamp_min(1)).tolist()
@@ -232,7 +233,7 @@ def main(args):
     env, resume, experiment, autocast, scaler, amp = training.start(args, "segmentation")
 
     # -------------------------------------------------------------------- data
-    with training.main_first(env):
+    with distributed.main_first(env):
         train_set = slices.LabelledSlices(args.data, split="train", cache_dir=args.cache)
         val_set = slices.LabelledSlices(args.data, split="val", cache_dir=args.cache)
     spacing = slices.spacing_range(train_set.volumes)  # stored in best.pt: predict.py warns outside it
@@ -248,7 +249,7 @@ def main(args):
     else:
         loaded = "nothing (random initialisation)"
     # net: the plain module, for checkpoints and validation
-    net, model = training.wrap(net, env, args.compile)
+    net, model = distributed.wrap(net, env, args.compile)
 
     # -------------------------------------------------------------------- optimizer and schedule
     mean, std = normalisation.for_training(args)

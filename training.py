@@ -1,29 +1,27 @@
-"""The plumbing both training scripts share: common flags, DDP, schedule, loader, faults.
+"""The plumbing both training scripts share: common flags, the start, schedule, epoch statistics, faults.
 
-In detail: the command-line flags they have in common, DDP set-up and tear-down, the warmup-cosine
+In detail: the command-line flags they have in common, the checked start, the warmup-cosine
 schedule, the random states a resume restores, and the health checks that stop a run on a
 non-finite loss. A run's life (lock, signals, checkpoints, resume) is run_folder.py's; the input
-normalisation is normalisation.py's; autocast and TF32 are precision.py's.
+normalisation is normalisation.py's; autocast and TF32 are precision.py's; DDP is distributed.py's.
 
 Plain functions, not a framework: train_pretrain.py and train_segment.py call them in the
 order they read (arguments -> distributed and AMP -> data -> model -> optimizer -> resume ->
 loop -> save -> tear-down). Nothing here is run on its own.
 """
 import argparse
-import contextlib
-import datetime
 import math
 import os
 import random
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 import acdc
 import checkpoints
+import distributed
 import files
 import normalisation
 import precision
@@ -160,76 +158,9 @@ def start(args, kind):
         run_folder.unlock(args.out, completely=True)
         files.remove_empty_made()
         raise
-    env = setup(args.device, args.dist_timeout)
+    env = distributed.setup(args.device, args.dist_timeout)
     torch.manual_seed(args.seed)
     return (env, resume, experiment, *precision.autocast(env.device, args.amp, args.tf32))
-
-
-# -----------------------------------------------------------------------------
-# distributed set-up and tear-down (torchrun only: RANK in the environment decides)
-
-@dataclass
-class Env:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    main: bool  # rank 0: the only process that prints and writes files
-    control: object = None  # under DDP, a gloo group for host-side agreement (the stop flag), beside NCCL
-
-
-DDP_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def ddp_environment():
-    """-> (rank, world size, local rank) from torchrun's variables, or None without RANK; exits at
-    once, naming what is wrong, when RANK is set without the rest (a notebook or a Slurm script that
-    exported it): the process group would otherwise wait without a word"""
-    if "RANK" not in os.environ:
-        return None
-    missing = [k for k in DDP_ENV if k not in os.environ]
-    if missing:
-        sys.exit(f"RANK is set ({os.environ['RANK']}) but {', '.join(missing)} "
-                 f"{'is' if len(missing) == 1 else 'are'} not: start with torchrun, "
-                 f"or unset RANK to run a single process")
-    try:
-        rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    except ValueError:
-        values = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        sys.exit(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers: {values}")
-    if not 0 <= rank < world:
-        sys.exit(f"RANK {rank} is not below WORLD_SIZE {world}: start with torchrun")
-    return rank, world, local
-
-
-def setup(device="auto", dist_timeout=600):
-    control = None
-    ddp = ddp_environment()
-    rank, world, local = ddp or (0, 1, 0)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            sys.exit("--device cuda: no CUDA device is visible to this process")
-        device = f"cuda:{local}" if ddp or device == "cuda" else device
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick the fastest kernels once
-    if ddp:
-        # nccl between GPUs, gloo on CPU (nccl has no CPU path)
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-        try:
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=dist_timeout))
-        except Exception as e:  # the store's timeout, a refused connection, ...
-            sys.exit(f"process group set-up failed after waiting up to --dist-timeout {dist_timeout} s for "
-                     f"{world} ranks at {address} (this is rank {rank}): {' '.join(str(e).split())[:200]}")
-        control = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
-    return Env(rank, world, local, torch.device(device), rank == 0, control)
-
-
-def teardown():
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def run_main(main, args):
@@ -248,25 +179,7 @@ def run_main(main, args):
     finally:
         run_folder.unlock_all()
         files.remove_empty_made()  # the folders this invocation created and a failure left empty
-        teardown()
-
-
-def all_reduce(t, op=None):
-    """sum (or op) over ranks in place; a no-op in a single process"""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t
-
-
-@contextlib.contextmanager
-def main_first(env):
-    """rank 0 runs the block first (e.g. decoding volumes into the slice cache), the others after it,
-    so that every rank does not decode the same files at once"""
-    if not env.main and dist.is_initialized():
-        dist.barrier()
-    yield
-    if env.main and dist.is_initialized():
-        dist.barrier()
+        distributed.teardown()
 
 
 class Run:
@@ -275,20 +188,6 @@ class Run:
 
     def __init__(self, **kw):
         self.__dict__.update(kw)
-
-
-def wrap(net, env, compile):
-    """the plain module -> what the loop calls: SyncBatchNorm across GPUs, channels_last (faster
-    convolutions on GPUs and on CPUs), DDP, then torch.compile (compiling the DDP module lets
-    gradient communication overlap the backward pass). -> (plain module, wrapped model)"""
-    if env.world_size > 1 and env.device.type == "cuda":
-        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # no CPU kernel: gloo runs keep per-rank BN
-    net = net.to(env.device, memory_format=torch.channels_last)
-    model = net
-    if env.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    return net, (torch.compile(model) if compile else model)
 
 
 # -----------------------------------------------------------------------------
@@ -327,7 +226,7 @@ def epoch_stats(run, epoch, loss_sum, steps, seen, t0):
     keeps the sums, for a checkpoint written when the epoch stops mid-way"""
     world = dist.get_world_size() if dist.is_initialized() else 1
     seconds = time.perf_counter() - t0
-    total = all_reduce(loss_sum) / world  # the mean of the ranks' sums: every rank resumes from it
+    total = distributed.all_reduce(loss_sum) / world  # the mean of the ranks' sums: every rank resumes from it
     run.partial = {"epoch": epoch, "loss_sum": total.item(), "steps": steps, "seen": seen, "time_s": seconds}
     return {"epoch": epoch, "loss": (total / max(1, steps)).item(), "steps": steps,
             "images_per_s": seen / seconds, "time_s": seconds}
@@ -395,8 +294,8 @@ class Health:
     def check(self, loss, scaler, epoch):
         """at a logging interval, on every rank: raises FloatingPointError on a fault (on all ranks
         alike); -> this step's loss averaged over ranks"""
-        first_bad = all_reduce(self.first_bad.clone(), dist.ReduceOp.MAX)
-        loss = (all_reduce(loss.detach().float().clone())
+        first_bad = distributed.all_reduce(self.first_bad.clone(), dist.ReduceOp.MAX)
+        loss = (distributed.all_reduce(loss.detach().float().clone())
                 / (dist.get_world_size() if dist.is_initialized() else 1))
         if first_bad >= 0:
             raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, step {int(first_bad)}: stopping; "

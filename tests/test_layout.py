@@ -8,8 +8,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = sorted(f for f in os.listdir(ROOT) if f.endswith(".py"))
 LIBRARY = {"resnet", "unet", "checkpoints", "metadata", "weights", "byol", "augment", "normalisation", "acdc", "slices",
-           "phantom", "metrics", "inference", "pictures", "files", "training", "precision", "progress", "run_folder",
-           "grid", "results"}
+           "phantom", "metrics", "inference", "pictures", "files", "training", "distributed", "precision", "progress",
+           "run_folder", "grid", "results"}
 SCRIPTS = {"train_pretrain", "train_segment", "evaluate", "predict", "study", "bench"}
 ENTRY = {"hubconf"}  # torch.hub's entry points: neither library nor script, it imports library modules only
 ALLOWED = {"torch", "torchvision", "numpy", "nibabel", "tqdm"}

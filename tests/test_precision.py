@@ -39,10 +39,11 @@ def test_tf32_is_set_for_the_process_by_amp_and_tf32(capsys):
 
 def test_each_script_has_its_precision_defaults():
     # evaluation and prediction in IEEE fp32, as the paper scored; training and bench as fast as it goes
-    assert vars(evaluate.parse_args(["--checkpoint", "x"])).items() >= {"amp": "off", "tf32": "off"}.items()
+    assert vars(evaluate.parse_args(["--checkpoint", "x", "--data", "d"])).items() >= {"amp": "off", "tf32": "off"}.items()
     assert vars(predict.parse_args(["--checkpoint", "x", "-i", "x", "-o", "y"])).items() >= {
         "amp": "off", "tf32": "off"}.items()
-    for args in (train_segment.parse_args([]), train_pretrain.parse_args([]), bench.parse_args(["segment"])):
+    for args in (train_segment.parse_args(["--data", "d"]), train_pretrain.parse_args(["--data", "d"]),
+                 bench.parse_args(["segment"])):
         assert (args.amp, args.tf32) == ("auto", "auto")
 
 

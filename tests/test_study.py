@@ -235,7 +235,7 @@ def test_plan_marks_the_paper_grid_and_what_the_study_adds(tmp_path, monkeypatch
 
 
 def test_lengths_paper_are_the_paper_labels_plus_one_and_the_report_prints_both(tmp_path, capsys):
-    lengths = study.parse_args(["plan", "--study", str(tmp_path), "--lengths", "paper"]).lengths
+    lengths = study.parse_args(["plan", "--study", str(tmp_path), "--data", "d", "--lengths", "paper"]).lengths
     assert lengths == [*range(1, 12), 13, 15, 17, 19, 21, 23, 25, 26, 51, 101, 201, 301, 401]
     folder = tmp_path / "study"
     os.makedirs(folder)

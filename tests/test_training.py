@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import distributed
 import files
 import progress
 import run_folder
@@ -90,7 +91,7 @@ def test_health_finds_the_first_non_finite_step():
     health, scaler = training.Health(torch.device("cpu")), torch.amp.GradScaler("cpu", enabled=False)
     for step, value in enumerate([1.0, 2.0, math.nan, 3.0, math.inf]):
         health.watch(torch.tensor(value), step)
-    with pytest.raises(FloatingPointError, match="epoch 4, step 2"):
+    with pytest.raises(FloatingPointError, match="epoch 5, step 2"):  # index 4: the fifth epoch
         health.check(torch.tensor(1.0), scaler, epoch=4)
 
 
@@ -123,12 +124,12 @@ def test_rank_without_torchrun_fails_at_once_naming_what_is_missing(monkeypatch)
     for k in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(k, raising=False)
     with pytest.raises(SystemExit, match="RANK is set .* but LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT are not"):
-        training.setup("cpu")
+        distributed.setup("cpu")
     monkeypatch.setenv("LOCAL_RANK", "0"), monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1"), monkeypatch.setenv("MASTER_PORT", "29999")
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(SystemExit, match="RANK 2 is not below WORLD_SIZE 2"):
-        training.setup("cpu")
+        distributed.setup("cpu")
 
 
 def test_process_group_set_up_times_out_naming_the_address():
@@ -137,7 +138,7 @@ def test_process_group_set_up_times_out_naming_the_address():
         port = s.getsockname()[1]
     env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(port)}
-    code = f"import sys; sys.path.insert(0, {ROOT!r}); import training; training.setup('cpu', dist_timeout=3)"
+    code = f"import sys; sys.path.insert(0, {ROOT!r}); import distributed; distributed.setup('cpu', dist_timeout=3)"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert f"after waiting up to --dist-timeout 3 s for 2 ranks at 127.0.0.1:{port}" in done.stderr
@@ -158,7 +159,7 @@ def test_the_estimate_leaves_the_first_step_out_and_counts_validation(monkeypatc
     clock = iter([0.0, 10.0, 14.0, 14.0])  # start; after step 1 (compilation: 10 s); after step 3 (2 s a step)
     monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
     run = training.Run(args=argparse.Namespace(batch_size=4, epochs=2), step=0, start_step=0, total_steps=100,
-                       env=training.Env(0, 1, 0, torch.device("cpu"), True))
+                       env=distributed.Env(0, 1, 0, torch.device("cpu"), True))
     estimate = progress.Estimate(run, validations=[50, 100], val_slices=12)
     for _ in range(3):
         run.step += 1
