@@ -7,8 +7,7 @@ CPU workers): every draw per sample from one generator on the device, so a seed 
     v, y = augment(x, sizes, gen, mean, std, labels=masks)          # fine-tuning: masks cropped alike
     v = augment(x8, sizes, gen, *normalisation.paper_scale(), paper_uint8=True)   # --paper-inputs
 
-mean and std come from normalisation.py; this file only applies them.
-Tests: python -m pytest tests/test_augment.py
+mean and std come from normalisation.py; this file only applies them. Tests: tests/test_augment.py
 """
 import math
 

@@ -1,12 +1,9 @@
 """DDP for the training scripts: torchrun's environment, the process group, the collectives, the wrapped model.
 
 torchrun only: RANK in the environment decides, otherwise a single process, so the same script runs on
-a laptop and on several nodes. Only rank 0 prints and writes files (Env.main).
+a laptop and on several nodes. Only rank 0 prints and writes files (Env.main):
 
-    env = setup(args.device, args.dist_timeout)          # Env(rank, world_size, local_rank, device, main)
-    net, model = wrap(UNet(...), env, compile=False)       # plain module (checkpoints), wrapped (the loop)
-    all_reduce(loss_sum)                                   # summed over ranks in place
-    teardown()
+    env = setup(args.device, args.dist_timeout); net, model = wrap(UNet(...), env, compile=False); teardown()
 """
 import contextlib
 import datetime

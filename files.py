@@ -35,6 +35,17 @@ def folder_problem(path):
     return None
 
 
+def process_gone(pid):
+    """whether no process of this id runs on this host (another user's counts as running)"""
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return False
+    except (ProcessLookupError, OverflowError):  # (OverflowError: a pid beyond any process's)
+        return True
+    return False
+
+
 def write_atomic(path, write):
     """write(temporary path), then rename: a crash never leaves half a file under the final name"""
     folder, name = os.path.split(path)

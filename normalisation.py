@@ -11,8 +11,8 @@ Every network here sees (x - mean) / std of raw MRI intensities x; this file dec
     checkpoint  (evaluate.py, predict.py) what the checkpoint stores (this project's best.pt) or
                 implies (the paper's fine-tuned files: 255 x, or their config's norm_max_pixel_value)
 
-train_segment.py stores its mean and std in best.pt, so evaluation applies what training applied.
-augment.py and inference.py apply the numbers they are given; nothing else chooses them.
+best.pt stores its mean and std, so evaluation applies what training applied; augment.py and
+inference.py apply the numbers they are given.
 """
 import argparse
 import math

@@ -84,16 +84,6 @@ def read_owner(path):
     return {}
 
 
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):  # (a pid beyond any process's)
-        return False
-    except PermissionError:  # it exists, as another user's process
-        return True
-    return True
-
-
 def stale_reason(owner):
     """why a lock's owner no longer holds it, or None while it does: no heartbeat for STALE_S on any host
     (a process suspended that long loses its folder; a pid may be another process's by now), or its
@@ -104,7 +94,7 @@ def stale_reason(owner):
     age = time.time() - beat
     if not abs(age) <= STALE_S:  # (a heartbeat in the future, infinite or nan is no heartbeat either)
         return f"no heartbeat for {age:.0f} s"
-    return f"process {pid} is gone" if host == socket.gethostname() and not _alive(pid) else None
+    return f"process {pid} is gone" if host == socket.gethostname() and files.process_gone(pid) else None
 
 
 def take_over(path, owner):

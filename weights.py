@@ -55,6 +55,8 @@ from collections import namedtuple
 import torch
 from tqdm import tqdm
 
+import files
+
 RELEASE = "https://github.com/kaland313/SSL-MedSeg/releases/download/v1.0/models.zip"
 DRIVE = "https://drive.google.com/file/d/1TLZHDbV-qQlLjkR8P0LZaxzwEE6O_7g1/view"  # yaox12/BYOL-PyTorch's link
 TIMM = "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-rsb-weights/"
@@ -332,18 +334,8 @@ def remove_temporaries(folder, mine=False):
         if not name.startswith(".tmp") or not name.endswith(ends):  # not a fetch's
             continue
         pid = name.removeprefix(ours).split(".")[0] if name.startswith(ours) else ""  # "": another host's
-        path = os.path.join(folder, name)
+        path, dead = os.path.join(folder, name), pid.isdigit() and files.process_gone(int(pid))
         with contextlib.suppress(FileNotFoundError):  # removed meanwhile, by its process or another fetch
-            if pid == str(os.getpid()) if mine else gone(pid) or time.time() - os.path.getmtime(path) > STALE:
+            if (pid == str(os.getpid())) if mine else (dead or time.time() - os.path.getmtime(path) > STALE):
                 os.remove(path)
 
-
-def gone(pid):
-    """whether pid (a string; "" for another host's file) is the id of no process on this host"""
-    if not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except OSError as e:  # PermissionError: another user's process
-        return isinstance(e, ProcessLookupError)
-    return False
