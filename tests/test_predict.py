@@ -22,6 +22,7 @@ import phantom
 import predict
 import training
 import unet
+from test_evaluate import failing_save
 
 VOLUMES_HEADER = "file,frame,spacing_x,spacing_y,spacing_z,slices,RV_ml,MYO_ml,LV_ml"
 INDICES_HEADER = ("case,ed_frame,es_frame,ed_es_source,LV_EDV,LV_ESV,LV_SV,LV_EF,RV_EDV,RV_ESV,RV_SV,RV_EF,"
@@ -216,15 +217,6 @@ def test_values_that_overflow_once_normalised_are_refused(setup, tmp_path):
     scan(tmp_path / "A.nii.gz")  # intensities up to 100, divided by 1e-38: beyond float32
     with pytest.raises(SystemExit, match=f"refused, the first: {tmp_path / 'A.nii.gz'}: values overflow float32"):
         run(root, "-i", str(tmp_path / "A.nii.gz"), "-o", str(tmp_path / "out"), "--norm", "0,1e-38")
-
-
-def failing_save(exception):
-    """nibabel's save, cut short by a full disk or Ctrl-C after half a file"""
-    def save(img, path):
-        with open(path, "wb") as f:
-            f.write(b"half a file")
-        raise exception
-    return save
 
 
 def test_a_full_disk_or_ctrl_c_ends_in_one_line_leaving_nothing(setup, tmp_path, monkeypatch, capsys):
